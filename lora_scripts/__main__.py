@@ -1,0 +1,5 @@
+"""Allows `python -m lora_scripts`."""
+
+from lora_scripts.cli import main
+
+raise SystemExit(main())
