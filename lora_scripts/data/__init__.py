@@ -1,0 +1,1 @@
+"""Datasets: reading, checking and generating training data (images with captions, JSONL text)."""

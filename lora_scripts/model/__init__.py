@@ -1,0 +1,1 @@
+"""Base models: loading Stable Diffusion and causal LMs, and building random-weight mock models."""

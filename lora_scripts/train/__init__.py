@@ -1,0 +1,1 @@
+"""Training: one loop (accelerate, checkpoints, resume, logging) driving a per-mode task."""
