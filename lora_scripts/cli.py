@@ -24,10 +24,15 @@ def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _validate(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("paths", nargs="*", metavar="PATH", help="config files or folders (default: configs/)")
-    p.add_argument("--format", choices=["text", "github"], default="text",
-                   help="'github' prints ::error annotations for pull-request diffs")
-    p.add_argument("--check-paths", action="store_true",
-                   help="also check that the data folder, metadata file and base model exist")
+    p.add_argument(
+        "--format",
+        choices=["text", "github"],
+        default="text",
+        help="'github' prints ::error annotations for pull-request diffs",
+    )
+    p.add_argument(
+        "--check-paths", action="store_true", help="also check that the data folder, metadata file and base model exist"
+    )
     return "lora_scripts.validate:main"
 
 
@@ -39,8 +44,11 @@ def _train(p: argparse.ArgumentParser) -> Handler:
 
 def _smoke(p: argparse.ArgumentParser) -> Handler:
     _config_arg(p, required=False)
-    p.add_argument("--work-dir", metavar="DIR",
-                   help="where the mock model, dummy data and outputs go (default: a fresh temporary folder)")
+    p.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="where the mock model, dummy data and outputs go (default: a fresh temporary folder)",
+    )
     p.add_argument("--steps", type=int, default=5, help="training steps (default: 5)")
     return "lora_scripts.smoke:main"
 
@@ -62,8 +70,7 @@ def _dummy_data(p: argparse.ArgumentParser) -> Handler:
 
 def _label(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("dir", metavar="DIR", help="image folder")
-    p.add_argument("--labels", nargs="+", required=True,
-                   help="candidate labels, or one file with a label per line")
+    p.add_argument("--labels", nargs="+", required=True, help="candidate labels, or one file with a label per line")
     p.add_argument("--top-k", type=int, default=1, help="labels joined into each caption (default: 1)")
     p.add_argument("--trigger-word", default="", help="prefix for every caption")
     p.add_argument("--model", default="openai/clip-vit-base-patch32", help="local CLIP folder or Hub id")

@@ -1,0 +1,320 @@
+"""Image mode: Stable Diffusion LoRA (UNet attention, optional LoCon convs and text encoder) as a TrainingTask.
+
+Owns the denoising loss (epsilon or v-prediction, min-SNR weighting, noise offset), the cached
+latents and caption embeddings, sample images, and which weight files an image run writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lora_scripts.atomic import atomic_path
+from lora_scripts.config import Config
+from lora_scripts.train.task import RunInfo
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from lora_scripts.data.images import ImageExample
+    from lora_scripts.model.stable_diffusion import SDComponents
+
+UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+SAMPLE_SEED = 1234
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen weights are kept in: half precision under mixed precision, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def unet_conv_modules(unet: torch.nn.Module) -> list[str]:
+    """The UNet's 3x3 / 1x1 convolutions inside resnets, down- and up-samplers (LoCon targets)."""
+    return [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Conv2d) and any(part in name for part in ("resnets", "samplers"))
+    ]
+
+
+def add_image_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: Config) -> None:
+    """Add the LoRA layers the config asks for (peft adapters, named 'default')."""
+    from peft import LoraConfig
+
+    targets = list(UNET_ATTENTION_TARGETS)
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    if config.conv_lora_rank:
+        convs = unet_conv_modules(unet)
+        targets += convs
+        rank_pattern = {f"^{name}$": config.conv_lora_rank for name in convs}
+        alpha_pattern = {f"^{name}$": config.conv_lora_rank for name in convs}
+    unet.add_adapter(
+        LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=targets,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+        )
+    )
+    if text_encoder is not None:
+        text_encoder.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=TEXT_ENCODER_TARGETS,
+            )
+        )
+
+
+class DenoisingLoss(torch.nn.Module):
+    """``forward(batch)`` -> the diffusion training loss; holds the UNet (and text encoder) with LoRA."""
+
+    def __init__(self, components: SDComponents, config: Config) -> None:
+        super().__init__()
+        self.unet = components.unet
+        self.text_encoder = components.text_encoder
+        self.vae = components.vae
+        self.scheduler = components.noise_scheduler
+        self.noise_offset = config.noise_offset
+        self.min_snr_gamma = config.min_snr_gamma
+        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = self.unet.device
+        if "latents" in batch:
+            latents = batch["latents"].to(device)
+        else:
+            with torch.no_grad():
+                latents = self.encode_pixels(batch["pixels"])
+        latents = latents.float()
+        if "embeddings" in batch:
+            embeddings = batch["embeddings"].to(device)
+        else:
+            embeddings = self.encode_prompts(batch["input_ids"])
+        noise = torch.randn_like(latents)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=device, dtype=latents.dtype
+            )
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        dtype = self.unet.dtype
+        prediction = self.unet(noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        loss = torch.nn.functional.mse_loss(prediction, target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:
+            alpha_bar = self.alphas_cumprod.to(device)[timesteps]
+            snr = alpha_bar / (1 - alpha_bar)
+            weight = torch.clamp(snr, max=self.min_snr_gamma) / snr
+            if self.scheduler.config.prediction_type == "v_prediction":
+                weight = torch.clamp(snr, max=self.min_snr_gamma) / (snr + 1)
+            loss = loss * weight
+        return loss.mean()
+
+
+class ImageTask:
+    """Stable Diffusion LoRA training, per the TrainingTask protocol."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.examples: list[ImageExample] = []
+        self.sizes: list[tuple[int, int]] = []
+        self.items: list[dict[str, torch.Tensor]] = []
+        self.components: SDComponents | None = None
+        self._model: DenoisingLoss | None = None
+
+    # -- data -------------------------------------------------------------------------------------
+    def check_data(self) -> None:
+        from lora_scripts.data.images import load_image_examples, target_sizes
+
+        self.examples = load_image_examples(self.config)
+        self.sizes = target_sizes(self.examples, self.config.resolution, self.config.bucket)
+
+    def dataset(self) -> list[dict[str, torch.Tensor]]:
+        return self.items
+
+    def groups(self) -> list[list[int]]:
+        """Indices by target size; an example from a kohya 'N_name' folder appears N times."""
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, (example, size) in enumerate(zip(self.examples, self.sizes, strict=True)):
+            by_size.setdefault(size, []).extend([index] * example.repeats)
+        return [by_size[size] for size in sorted(by_size)]
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+    # -- model ------------------------------------------------------------------------------------
+    def build(self, accelerator: Accelerator) -> None:
+        from lora_scripts.model.stable_diffusion import load_sd_components
+
+        config = self.config
+        dtype = weight_dtype(accelerator)
+        components = load_sd_components(config.base_model_location(), dtype=dtype)
+        for module in (components.unet, components.vae, components.text_encoder):
+            module.requires_grad_(False)
+            module.to(accelerator.device)
+        components.vae.eval()
+        components.text_encoder.eval()
+        add_image_lora(components.unet, components.text_encoder if config.train_text_encoder else None, config)
+        for module in (components.unet, components.text_encoder):  # LoRA weights train in fp32
+            for param in module.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        if config.init_lora_weights:
+            from lora_scripts.export.kohya import apply_lora_weights, load_lora_file
+
+            path = config.path("init_lora_weights")
+            assert path is not None
+            text_encoder = components.text_encoder if config.train_text_encoder else None
+            apply_lora_weights(components.unet, text_encoder, load_lora_file(path), path)
+        if config.gradient_checkpointing:
+            components.unet.enable_gradient_checkpointing()
+            if config.train_text_encoder:
+                components.text_encoder.gradient_checkpointing_enable()
+        self.components = components
+        self._model = DenoisingLoss(components, config)
+        self.items = self._prepare_items()
+
+    @property
+    def model(self) -> DenoisingLoss:
+        assert self._model is not None, "build() first"
+        return self._model
+
+    def _prepare_items(self) -> list[dict[str, torch.Tensor]]:
+        """Per example: latents (cached) or pixels, and caption embeddings (cached) or token ids."""
+        from lora_scripts.data.images import load_image
+
+        assert self.components is not None
+        tokenizer = self.components.tokenizer
+        cache_text = self.config.cache_latents and not self.config.train_text_encoder
+        embeddings: dict[str, torch.Tensor] = {}
+        items = []
+        with torch.no_grad():
+            for example, size in zip(self.examples, self.sizes, strict=True):
+                pixels = load_image(example.path, size)
+                item: dict[str, torch.Tensor] = {}
+                if self.config.cache_latents:
+                    item["latents"] = (
+                        self.model.vae.encode(pixels[None].to(self.model.vae.device, self.model.vae.dtype))
+                        .latent_dist.mode()[0]
+                        .float()
+                        .cpu()
+                        * self.model.vae.config.scaling_factor
+                    )
+                else:
+                    item["pixels"] = pixels
+                ids = tokenizer(
+                    example.caption,
+                    padding="max_length",
+                    max_length=tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids[0]
+                if cache_text:
+                    if example.caption not in embeddings:
+                        embeddings[example.caption] = self.model.encode_prompts(ids[None])[0].float().cpu()
+                    item["embeddings"] = embeddings[example.caption]
+                else:
+                    item["input_ids"] = ids
+                items.append(item)
+        return items
+
+    # -- weights ----------------------------------------------------------------------------------
+    def _trainable(self) -> dict[str, torch.nn.Module]:
+        assert self.components is not None
+        modules = {"unet": self.components.unet}
+        if self.config.train_text_encoder:
+            modules["text_encoder"] = self.components.text_encoder
+        return modules
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}.{name}": param.detach().cpu().clone()
+            for prefix, module in self._trainable().items()
+            for name, param in module.named_parameters()
+            if param.requires_grad
+        }
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for prefix, module in self._trainable().items():
+                for name, param in module.named_parameters():
+                    if param.requires_grad:
+                        param.copy_(state[f"{prefix}.{name}"])
+
+    def save_weights(self, out_dir: Path, info: RunInfo) -> list[Path]:
+        from lora_scripts.export.diffusers_format import save_diffusers_lora
+        from lora_scripts.export.kohya import save_kohya_lora
+        from lora_scripts.export.metadata import dataset_fingerprint, kohya_metadata, tag_frequency
+
+        assert self.components is not None
+        text_encoder = self.components.text_encoder if self.config.train_text_encoder else None
+        captions = [example.caption for example in self.examples]
+        metadata = kohya_metadata(
+            self.config,
+            step=info.step,
+            epoch=info.epoch,
+            base_model=self.config.base_model,
+            dataset_fingerprint=dataset_fingerprint([(e.path, e.caption) for e in self.examples]),
+            tag_frequency=tag_frequency(captions),
+            extra={"ss_loss": f"{info.loss:.6g}" if info.loss is not None else ""},
+        )
+        return [
+            save_diffusers_lora(out_dir, self.components.unet, text_encoder),
+            save_kohya_lora(out_dir, self.components.unet, text_encoder, metadata),
+        ]
+
+    # -- samples ----------------------------------------------------------------------------------
+    def sample(self, out_dir: Path, step: int) -> list[Path]:
+        from lora_scripts.model.stable_diffusion import build_pipeline
+
+        assert self.components is not None
+        if not self.config.validation_prompts:
+            return []
+        pipe = build_pipeline(self.components)
+        pipe.set_progress_bar_config(disable=True)
+        written = []
+        self.model.eval()
+        try:
+            for index, prompt in enumerate(self.config.validation_prompts):
+                generator = torch.Generator(device="cpu").manual_seed(SAMPLE_SEED + index)
+                with torch.no_grad():
+                    image = pipe(
+                        prompt,
+                        num_inference_steps=self.config.sample_inference_steps,
+                        height=self.config.resolution,
+                        width=self.config.resolution,
+                        generator=generator,
+                    ).images[0]
+                target = out_dir / f"step-{step:06d}-{index:02d}.png"
+                with atomic_path(target) as tmp:
+                    image.save(tmp, format="PNG")
+                written.append(target)
+        finally:
+            self.model.train()
+            self.model.vae.eval()
+            if not self.config.train_text_encoder:
+                self.model.text_encoder.eval()
+        return written
+
+    def eval_loss(self) -> float | None:
+        return None

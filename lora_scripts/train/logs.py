@@ -1,0 +1,91 @@
+"""What a run records: loss.csv, TensorBoard events, loss.png and training_summary.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from lora_scripts.atomic import atomic_path, write_text
+
+LOSS_COLUMNS = ("step", "epoch", "loss", "lr", "elapsed")
+
+
+class RunLog:
+    """Appends one row per optimizer step to ``logs/loss.csv`` and to TensorBoard.
+
+    On resume, rows after the resumed step (written by the interrupted run after its last
+    checkpoint) are dropped first, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, output_dir: Path, logging_dir: Path, resume_step: int) -> None:
+        self.csv_path = output_dir / "logs" / "loss.csv"
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [row for row in read_loss_csv(self.csv_path) if int(row["step"]) <= resume_step] if resume_step else []
+        with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOSS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+        self._file = open(self.csv_path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self._writer = csv.writer(self._file)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tensorboard = SummaryWriter(str(logging_dir), purge_step=resume_step or None)
+
+    def log(self, step: int, epoch: int, loss: float, lr: float, elapsed: float) -> None:
+        self._writer.writerow([step, epoch, f"{loss:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
+        self._file.flush()
+        self._tensorboard.add_scalar("train/loss", loss, step)
+        self._tensorboard.add_scalar("train/lr", lr, step)
+
+    def log_eval(self, step: int, loss: float) -> None:
+        self._tensorboard.add_scalar("eval/loss", loss, step)
+
+    def close(self) -> None:
+        self._file.close()
+        self._tensorboard.close()
+
+
+def read_loss_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def plot_loss(csv_path: Path, png_path: Path, title: str = "training loss") -> Path | None:
+    """Draw loss against step (raw and smoothed) into ``png_path``; None when there is nothing to draw."""
+    rows = read_loss_csv(csv_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [int(r["step"]) for r in rows]
+    losses = [float(r["loss"]) for r in rows]
+    window = max(1, len(losses) // 20)
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, color="#9bbbe0", linewidth=1, label="loss")
+    if window > 1:
+        ax.plot(steps, smooth, color="#1f5fa8", linewidth=2, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return png_path
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    write_text(path, json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,349 @@
+"""The one training loop for both modes: accelerate, optimizer and schedule, checkpoints and exact
+resume, signals, the NaN guard, progress, logs and the final weights.
+
+A mode plugs in as a :class:`~lora_scripts.train.task.TrainingTask`; everything here is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_scripts.config import Config
+from lora_scripts.errors import UserError
+from lora_scripts.train.checkpoint import (
+    LoopPosition,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    resolve_resume,
+    save_checkpoint,
+    set_rng_states,
+)
+from lora_scripts.train.logs import RunLog, plot_loss, write_summary
+from lora_scripts.train.optim import build_optimizer, build_scheduler
+from lora_scripts.train.task import RunInfo, TrainingTask
+
+SUMMARY_FILE = "training_summary.json"
+
+
+class TrainingStopped(UserError):
+    """The run stopped early (signal or NaN) after leaving a resumable state on disk."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    weights: list[Path]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class GroupedBatchSampler:
+    """Batches drawn within groups (aspect-ratio buckets), shuffled by ``seed + epoch``.
+
+    The order depends only on the seed and the epoch, never on global RNG state, so a resumed
+    run sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, groups: list[list[int]], batch_size: int, seed: int) -> None:
+        self.groups = [g for g in groups if g]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        yield from (batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(g) / self.batch_size) for g in self.groups)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM: the first asks the loop to stop after the current step; the second exits at once.
+
+    Exiting at once is safe because everything is written to a temporary name and renamed.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received:
+            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received}: finishing this step and writing a checkpoint...", file=sys.stderr, flush=True)
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def make_task(config: Config) -> TrainingTask:
+    if config.mode == "text":
+        from lora_scripts.train.text_task import TextTask
+
+        return TextTask(config)
+    from lora_scripts.train.image_task import ImageTask
+
+    return ImageTask(config)
+
+
+def make_accelerator(config: Config) -> Any:
+    from accelerate import Accelerator
+
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError(f"{config.source}: mixed_precision: fp16 needs a CUDA GPU; use 'no' (or 'bf16') on CPU")
+    return Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
+
+
+def check_output_dir(config: Config, output_dir: Path, expected_bytes: int) -> None:
+    """Fail before training when output_dir cannot be written or the disk is too full for the run."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{config.source}: output_dir: cannot write to {output_dir}: {err.strerror or err}") from None
+    free = shutil.disk_usage(output_dir).free
+    if free < expected_bytes:
+        raise UserError(
+            f"{config.source}: output_dir: {output_dir} has {free / 2**20:.0f} MiB free; "
+            f"this run needs about {expected_bytes / 2**20:.0f} MiB (weights, checkpoints, logs)"
+        )
+
+
+def train(config: Config, *, stop_at_step: int | None = None, progress: bool = True) -> TrainResult:
+    """Train ``config`` to the end, or until a signal (or ``stop_at_step``, for tests) asks to stop.
+
+    Stopping early writes a checkpoint and raises :class:`TrainingStopped` saying how to resume.
+    """
+    from accelerate.utils import set_seed
+
+    started = time.perf_counter()
+    output_dir = config.path("output_dir")
+    assert output_dir is not None
+    accelerator = make_accelerator(config)
+    main_process = accelerator.is_main_process
+    set_seed(config.seed)
+
+    task = make_task(config)
+    task.check_data()
+    task.build(accelerator)
+    lora_params = [p for p in task.model.parameters() if p.requires_grad]
+    lora_bytes = sum(p.numel() * 4 for p in lora_params)
+    keep = config.keep_checkpoints or 3
+    if main_process:
+        check_output_dir(config, output_dir, expected_bytes=lora_bytes * 5 * (keep + 1) + 16 * 2**20)
+        remove_stale_temporaries(output_dir)
+
+    sampler = GroupedBatchSampler(task.groups(), config.batch_size, config.seed)
+    loader = torch.utils.data.DataLoader(
+        task.dataset(), batch_sampler=sampler, collate_fn=task.collate, num_workers=config.num_workers
+    )
+    optimizer = build_optimizer(config, lora_params, accelerator.device.type)
+    model, optimizer, loader = accelerator.prepare(task.model, optimizer, loader)
+    updates_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
+    total_steps = config.max_train_steps or config.epochs * updates_per_epoch
+    scheduler = build_scheduler(config, optimizer, total_steps)
+
+    position = LoopPosition()
+    resume = resolve_resume(config.resume_from, output_dir, config.source)
+    if resume is not None:
+        position, lora_state, training_state = load_checkpoint(resume)
+        task.load_lora_state_dict(lora_state)
+        optimizer.load_state_dict(training_state["optimizer"])
+        scheduler.load_state_dict(training_state["scheduler"])
+        if accelerator.scaler is not None and training_state.get("scaler"):
+            accelerator.scaler.load_state_dict(training_state["scaler"])
+        set_rng_states(training_state["rng"])
+        accelerator.print(f"resuming from {resume} (step {position.step}, epoch {position.epoch + 1})")
+    elif config.resume_from == "latest":
+        accelerator.print(f"resume_from: latest: no checkpoint in {output_dir} yet; starting fresh")
+
+    logging_dir = config.path("logging_dir")
+    assert logging_dir is not None
+    run_log = RunLog(output_dir, logging_dir, position.step) if main_process else None
+    samples_dir = output_dir / "samples"
+
+    def training_state() -> dict[str, Any]:
+        return {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+        }
+
+    def info(loss: float | None) -> RunInfo:
+        return RunInfo(step=position.step, epoch=position.epoch, total_steps=total_steps, loss=loss)
+
+    def checkpoint(loss: float | None) -> Path | None:
+        accelerator.wait_for_everyone()
+        if not main_process:
+            return None
+        at = position
+        if at.batches_in_epoch >= len(loader):  # an epoch boundary: resume at the next epoch's start
+            at = LoopPosition(at.step, at.epoch + 1, 0)
+        path = _guard_disk(
+            lambda: save_checkpoint(
+                output_dir, at, task.lora_state_dict(), training_state(), lambda d: task.save_weights(d, info(loss))
+            ),
+            output_dir,
+        )
+        prune_checkpoints(output_dir, config.keep_checkpoints)
+        return path
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps, initial=position.step, unit="step", desc="train", disable=not (progress and main_process)
+    )
+    samples_seen = 0
+    step_losses: list[float] = []
+    last_loss: float | None = None
+    loop_started = time.perf_counter()
+    with StopSignals() as signals:
+        model.train()
+        for epoch in range(position.epoch, math.ceil(total_steps / updates_per_epoch) + 1):
+            if position.step >= total_steps:
+                break
+            position.epoch = epoch
+            sampler.epoch = epoch
+            batches = (
+                accelerator.skip_first_batches(loader, position.batches_in_epoch)
+                if position.batches_in_epoch
+                else loader
+            )
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = model(batch)
+                    if not torch.isfinite(loss.detach()).all():
+                        last = list_checkpoints(output_dir)
+                        where = f"; the last good checkpoint is {last[-1]}" if last else ""
+                        raise TrainingStopped(
+                            f"{config.source}: loss became {loss.item()} at step {position.step + 1}; stopped{where}. "
+                            "Lower learning_rate or check the data."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(lora_params, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                position.batches_in_epoch += 1
+                samples_seen += config.batch_size * accelerator.num_processes
+                step_losses.append(loss.detach().float().item())
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                position.step += 1
+                last_loss = sum(step_losses) / len(step_losses)
+                step_losses.clear()
+                lr = scheduler.get_last_lr()[0]
+                if run_log is not None:
+                    run_log.log(position.step, epoch + 1, last_loss, lr, time.perf_counter() - started)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
+                if config.sample_every_n_steps and position.step % config.sample_every_n_steps == 0 and main_process:
+                    task.sample(samples_dir, position.step)
+                    _log_eval(task, run_log, position.step)
+                stopping = signals.received or (stop_at_step is not None and position.step == stop_at_step)
+                if stopping or (config.save_steps and position.step % config.save_steps == 0):
+                    path = checkpoint(last_loss)
+                    if stopping:
+                        bar.close()
+                        reason = signals.received or f"stop_at_step {stop_at_step}"
+                        raise TrainingStopped(
+                            f"{reason}: stopped at step {position.step}; checkpoint written to {path}. "
+                            f"Resume with: lora-scripts train --config {config.source} --resume",
+                            exit_code=130 if signals.received else 1,
+                        )
+                if position.step >= total_steps:
+                    break
+            position.batches_in_epoch = 0
+    bar.close()
+    train_seconds = time.perf_counter() - loop_started
+
+    accelerator.wait_for_everyone()
+    weights: list[Path] = []
+    summary: dict[str, Any] = {}
+    if main_process:
+        assert run_log is not None
+        weights = _guard_disk(lambda: task.save_weights(output_dir, info(last_loss)), output_dir)
+        if config.validation_prompts:
+            task.sample(samples_dir, position.step)
+        eval_loss = _log_eval(task, run_log, position.step)
+        run_log.close()
+        plot_loss(run_log.csv_path, output_dir / "loss.png", title=f"{config.source.stem}: training loss")
+        summary = {
+            "config": str(config.source),
+            "mode": config.mode,
+            "final_loss": last_loss,
+            "eval_loss": eval_loss,
+            "steps": position.step,
+            "epochs": position.epoch + 1,
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "train_time_s": round(train_seconds, 3),
+            "samples_per_s": round(samples_seen / train_seconds, 3) if train_seconds > 0 else None,
+            "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+            "device": str(accelerator.device),
+            "num_processes": accelerator.num_processes,
+            "weights": [str(p) for p in weights],
+        }
+        write_summary(output_dir / SUMMARY_FILE, summary)
+    accelerator.end_training()
+    return TrainResult(output_dir, position.step, last_loss, weights, summary)
+
+
+def _log_eval(task: TrainingTask, run_log: RunLog | None, step: int) -> float | None:
+    eval_loss = task.eval_loss()
+    if eval_loss is not None and run_log is not None:
+        run_log.log_eval(step, eval_loss)
+    return eval_loss
+
+
+def _guard_disk(write: Any, output_dir: Path) -> Any:
+    """Run a write; a full disk becomes a clear error (the atomic writes leave nothing half-written)."""
+    try:
+        return write()
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            last = list_checkpoints(output_dir)
+            kept = f"; the last complete checkpoint is {last[-1]}" if last else ""
+            raise TrainingStopped(f"cannot write to {output_dir}: {err.strerror}{kept}") from None
+        raise
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

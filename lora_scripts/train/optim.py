@@ -1,0 +1,59 @@
+"""Optimizers and learning-rate schedules named in the config, with clear errors for unusable ones."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from lora_scripts.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_scripts.config import Config
+
+
+def build_optimizer(config: Config, params: Iterable[torch.nn.Parameter], device_type: str) -> torch.optim.Optimizer:
+    """The optimizer ``config.optimizer`` names, over ``params``."""
+    import torch
+
+    params = list(params)
+    name, lr, decay = config.optimizer, config.learning_rate, config.weight_decay
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay)
+    if name == "AdamW8bit":
+        if device_type != "cuda":
+            raise UserError(f"{config.source}: optimizer: AdamW8bit needs a CUDA GPU (bitsandbytes); on CPU use AdamW")
+        bnb = _optional_import("bitsandbytes", "bitsandbytes", config)
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=decay)
+    if name == "Lion":
+        lion = _optional_import("lion_pytorch", "lion-pytorch", config)
+        return lion.Lion(params, lr=lr, weight_decay=decay)
+    if name == "Prodigy":
+        prodigy = _optional_import("prodigyopt", "prodigyopt", config)
+        return prodigy.Prodigy(params, lr=lr, weight_decay=decay)
+    raise UserError(f"{config.source}: optimizer: unknown optimizer {name!r}")
+
+
+def _optional_import(module: str, package: str, config: Config):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(
+            f"{config.source}: optimizer: {config.optimizer} needs the '{package}' package: pip install {package}"
+        ) from None
+
+
+def build_scheduler(
+    config: Config, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """diffusers' schedule ``config.scheduler`` with ``warmup_steps`` of linear warm-up."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=max(total_steps, 1)
+    )
