@@ -119,7 +119,11 @@ def make_task(config: Config) -> TrainingTask:
 
 def make_accelerator(config: Config) -> Any:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # train() may run more than once in a process (tests, preflight --measure): start from a clean state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError(f"{config.source}: mixed_precision: fp16 needs a CUDA GPU; use 'no' (or 'bf16') on CPU")
     return Accelerator(

@@ -1,0 +1,143 @@
+"""Image-mode benchmark: our trainer's step time against a bare loop, and the smoke command's wall time and RSS.
+
+Prints, for the tiny and small mock models: per-step time of `lora-scripts train` (from loss.csv,
+caching on), per-step time of a bare loop (UNet+LoRA forward, backward, AdamW step on the same
+shapes, nothing else), their ratio, and each one's peak RSS; then the whole-process wall time and
+peak RSS of `lora-scripts smoke`. Targets: ratio <= 1.05 (small) / 1.10 (tiny); smoke < 15 s.
+
+    python benchmarks/bench_image.py [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> None:
+    """Runs in a child process: prints per-step seconds as JSON."""
+    import torch
+
+    from lora_scripts.config import Config
+    from lora_scripts.model.stable_diffusion import load_sd_components
+    from lora_scripts.train.image_task import add_image_lora
+
+    torch.manual_seed(0)
+    c = load_sd_components(model_dir)
+    for module in (c.unet, c.vae, c.text_encoder):
+        module.requires_grad_(False)
+    config = Config(
+        {"train_data_dir": ".", "base_model": model_dir, "output_dir": ".", "lora_rank": 4, "lora_alpha": 4},
+        Path("bench.yaml"),
+    )
+    add_image_lora(c.unet, None, config)
+    params = [p for p in c.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    latents = torch.randn(batch_size, c.unet.config.in_channels, resolution // factor, resolution // factor)
+    embeddings = torch.randn(batch_size, c.tokenizer.model_max_length, c.text_encoder.config.hidden_size)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch_size,))
+        noisy = c.noise_scheduler.add_noise(latents, noise, t)
+        loss = torch.nn.functional.mse_loss(c.unet(noisy, t, embeddings).sample, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    print(json.dumps(times))
+
+
+RSS_WRAPPER = (
+    "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+    "try:\n    runpy.run_module(sys.argv[0], run_name='__main__') if sys.argv[0] != '-c' else exec(sys.argv[1])\n"
+    "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+    "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+    "sys.exit(code)"
+)
+
+
+def run(args: list[str]) -> tuple[str, float, float]:
+    """Run ``python -m MODULE ARGS`` (or ``-c CODE``); return stdout, wall seconds and the child's peak RSS."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *args], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(args)}\n{proc.stderr[-2000:]}")
+    rss = float(proc.stderr.rsplit("PEAK_RSS_MB", 1)[1].split()[0])
+    return proc.stdout, wall, rss
+
+
+def ours(model_dir: Path, data_dir: Path, work: Path, steps: int, resolution: int) -> tuple[list[float], float]:
+    config = work / f"bench-{model_dir.name}.yaml"
+    out = work / f"out-{model_dir.name}"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "train_data_dir": str(data_dir),
+                "base_model": str(model_dir),
+                "output_dir": str(out),
+                "resolution": resolution,
+                "lora_rank": 4,
+                "lora_alpha": 4,
+                "max_train_steps": steps,
+                "batch_size": 1,
+            }
+        )
+    )
+    _, _, rss = run(["lora_scripts", "train", "--config", str(config)])
+    with open(out / "logs" / "loss.csv", newline="") as handle:
+        elapsed = [float(row["elapsed"]) for row in csv.DictReader(handle)]
+    return [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)], rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--resolution", type=int, default=64)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
+    data = work / "data"
+    run(["lora_scripts", "dummy-data", str(data), "--count", "8", "--resolution", str(args.resolution)])
+    print(
+        f"{'model':<6} {'ours ms/step':>13} {'bare ms/step':>13} {'ratio':>6} {'target':>7}      "
+        f"{'ours RSS MiB':>13} {'bare RSS MiB':>13}"
+    )
+    for size, target in (("tiny", 1.10), ("small", 1.05)):
+        model = work / f"mock-{size}"
+        run(["lora_scripts", "mock-model", str(model), "--size", size])
+        ours_times, ours_rss = ours(model, data, work, args.steps, args.resolution)
+        code = (
+            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_image; "
+            f"bench_image.bare_loop({str(model)!r}, {args.steps}, {args.resolution}, 1)"
+        )
+        stdout, _, bare_rss = run(["-c", code])
+        bare_times = json.loads(stdout.strip().splitlines()[-1])[3:]
+        ours_ms = statistics.median(ours_times[2:]) * 1000
+        bare_ms = statistics.median(bare_times) * 1000
+        ratio = ours_ms / bare_ms
+        print(
+            f"{size:<6} {ours_ms:>13.1f} {bare_ms:>13.1f} {ratio:>6.2f} {'<=' + str(target):>7}"
+            f" {'ok  ' if ratio <= target else 'OVER'} {ours_rss:>13.0f} {bare_rss:>13.0f}"
+        )
+    _, wall, rss = run(["lora_scripts", "smoke", "--work-dir", str(work / "smoke")])
+    print(
+        f"lora-scripts smoke (first run, builds mock + data): {wall:.1f} s wall, peak RSS {rss:.0f} MiB (target < 15 s)"
+    )
+    _, wall, _ = run(["lora_scripts", "smoke", "--work-dir", str(work / "smoke")])
+    print(f"lora-scripts smoke (mock + data reused): {wall:.1f} s wall")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Shared fixtures: mock base models, dummy datasets and config files built once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run `lora-scripts ARGS` in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "lora_scripts", *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def mock_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SD 1.x model as a diffusers folder (with mock-sd.safetensors inside)."""
+    from lora_scripts.model.mock_sd import build_mock_sd
+
+    out = tmp_path_factory.mktemp("models") / "mock-sd"
+    build_mock_sd(out, size="tiny")
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 64 px images with metadata.csv."""
+    from lora_scripts.data.images import write_dummy_images
+
+    out = tmp_path_factory.mktemp("data") / "images"
+    write_dummy_images(out, count=4, resolution=64)
+    return out
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write a config YAML into the test's folder: write_config(name="run", key=value, ...) -> path."""
+
+    def write(name: str = "run", **values: Any) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def image_config(
+    write_config: Callable[..., Path], mock_sd: Path, image_data: Path, tmp_path: Path
+) -> Callable[..., Path]:
+    """A small image-mode config on the mock model: image_config(name, **overrides) -> path."""
+
+    def make(name: str = "run", **overrides: Any) -> Path:
+        values = {
+            "train_data_dir": str(image_data),
+            "base_model": str(mock_sd),
+            "output_dir": str(tmp_path / f"out-{name}"),
+            "resolution": 64,
+            "lora_rank": 4,
+            "lora_alpha": 4,
+            "learning_rate": 1e-3,
+            "batch_size": 1,
+            "max_train_steps": 4,
+            "seed": 7,
+            **overrides,
+        }
+        return write_config(name, **values)
+
+    return make

@@ -1,0 +1,221 @@
+"""Image training end to end on the mock model: outputs, exact resume, signals, NaN guard, init weights."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_scripts.config import load_config
+from lora_scripts.errors import UserError
+from lora_scripts.train.checkpoint import list_checkpoints
+from lora_scripts.train.loop import TrainingStopped, train
+
+from .conftest import REPO, run_cli
+
+
+def weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "pytorch_lora_weights.safetensors"))
+
+
+def losses(output_dir: Path) -> list[tuple[int, float]]:
+    with open(output_dir / "logs" / "loss.csv", newline="") as handle:
+        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_train_writes_every_output(image_config: Callable[..., Path]) -> None:
+    path = image_config(validation_prompts=["a red circle"], sample_inference_steps=2, save_steps=2)
+    result = run_cli("train", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    out = load_config(path).path("output_dir")
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "lora_weights.safetensors").is_file()
+    assert [step for step, _ in losses(out)] == [1, 2, 3, 4]
+    assert all(math.isfinite(loss) for _, loss in losses(out))
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "samples").glob("*.png"))
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    summary = __import__("json").loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and math.isfinite(summary["final_loss"]) and summary["samples_per_s"] > 0
+    assert "loss" in result.stderr and "4/4" in result.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("stop_at", [1, 2], ids=["inside-epoch", "epoch-boundary"])
+def test_resume_gives_bitwise_same_weights(image_config: Callable[..., Path], stop_at: int) -> None:
+    # 4 images, batch 1, accumulation 2: 2 optimizer steps per epoch; 6 steps = 3 epochs.
+    common = {
+        "gradient_accumulation_steps": 2,
+        "max_train_steps": 6,
+        "scheduler": "cosine",
+        "warmup_steps": 1,
+        "lora_dropout": 0.1,
+        "cache_latents": False,
+    }
+    straight = load_config(image_config("straight", **common))
+    train(straight, progress=False)
+
+    interrupted = load_config(image_config("interrupted", **common))
+    with pytest.raises(TrainingStopped, match="--resume"):
+        train(interrupted, stop_at_step=stop_at, progress=False)
+    out = interrupted.path("output_dir")
+    assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{stop_at}"]
+    train(interrupted.replace(resume_from="latest"), progress=False)
+
+    assert_same_weights(weights(straight.path("output_dir")), weights(out))
+    assert losses(straight.path("output_dir")) == losses(out)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(image_config: Callable[..., Path]) -> None:
+    common = {"max_train_steps": 8, "save_steps": 1, "keep_checkpoints": 2}
+    straight = load_config(image_config("straight", **common))
+    train(straight, progress=False)
+
+    path = image_config("killed", **common)
+    out = load_config(path).path("output_dir")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_scripts", "train", "--config", str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    kill_at = 3 + int.from_bytes(os.urandom(1), "big") % 3  # a step from 3 to 5
+    _wait_for_step(out, kill_at, proc)
+    proc.kill()
+    proc.wait()
+    assert len(list_checkpoints(out)) <= 2
+
+    result = run_cli("train", "--config", str(path), "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout + result.stderr
+    assert_same_weights(weights(straight.path("output_dir")), weights(out))
+
+
+def test_sigterm_writes_resumable_checkpoint(image_config: Callable[..., Path]) -> None:
+    path = image_config("term", max_train_steps=200)
+    out = load_config(path).path("output_dir")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_scripts", "train", "--config", str(path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "--resume" in stderr and "Traceback" not in stderr
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 2 <= stopped_at < 200
+    assert (checkpoints[0] / "pytorch_lora_weights.safetensors").is_file()
+
+    resumed = load_config(path).replace(resume_from="latest", max_train_steps=stopped_at + 2)
+    result = train(resumed, progress=False)
+    assert result.steps == stopped_at + 2
+
+
+def _wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        try:
+            if losses(output_dir) and losses(output_dir)[-1][0] >= step:
+                return
+        except (OSError, KeyError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never reached")
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(
+    image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lora_scripts.train.image_task import DenoisingLoss
+
+    real_forward = DenoisingLoss.forward
+    calls = {"n": 0}
+
+    def forward(self: DenoisingLoss, batch: dict) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real_forward(self, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(DenoisingLoss, "forward", forward)
+    config = load_config(image_config("nan", save_steps=1, max_train_steps=6))
+    with pytest.raises(TrainingStopped, match=r"at step 3.*checkpoint-2"):
+        train(config, progress=False)
+    assert [p.name for p in list_checkpoints(config.path("output_dir"))] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_half_written_checkpoint_is_ignored(image_config: Callable[..., Path]) -> None:
+    config = load_config(image_config("partial", save_steps=2, max_train_steps=2))
+    train(config, progress=False)
+    out = config.path("output_dir")
+    (out / "checkpoint-9").mkdir()  # cut off before its state was written
+    (out / "checkpoint-9" / "lora_state.safetensors").write_bytes(b"\0" * 10)
+    (out / ".checkpoint-7.abc.tmp").mkdir()  # a save killed mid-write
+    result = train(config.replace(resume_from="latest", max_train_steps=3), progress=False)
+    assert result.steps == 3
+    assert not (out / ".checkpoint-7.abc.tmp").exists()
+    assert [step for step, _ in losses(out)] == [1, 2, 3]
+
+
+def test_init_lora_weights_changes_the_start(image_config: Callable[..., Path]) -> None:
+    first = load_config(image_config("first", max_train_steps=3, learning_rate=5e-3))
+    train(first, progress=False)
+    kohya_file = first.path("output_dir") / "lora_weights.safetensors"
+
+    fresh = load_config(image_config("fresh", max_train_steps=2))
+    continued = load_config(image_config("continued", max_train_steps=2, init_lora_weights=str(kohya_file)))
+    train(fresh, progress=False)
+    train(continued, progress=False)
+    assert losses(fresh.path("output_dir"))[0][1] != losses(continued.path("output_dir"))[0][1]
+    assert weights(continued.path("output_dir")).keys() == weights(fresh.path("output_dir")).keys()
+
+    mismatched = load_config(image_config("mismatch", lora_rank=8, init_lora_weights=str(kohya_file)))
+    with pytest.raises(UserError, match="lora_weights.safetensors"):
+        train(mismatched, progress=False)
+
+
+def test_unwritable_output_dir_fails_before_training(image_config: Callable[..., Path], tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run_cli("train", "--config", str(image_config("blocked", output_dir=str(blocker / "out"))))
+    assert result.returncode == 1
+    assert "output_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mixed_precision": "fp16"}, "mixed_precision: fp16 needs a CUDA GPU"),
+        ({"optimizer": "AdamW8bit"}, "AdamW8bit needs a CUDA GPU"),
+    ],
+)
+def test_gpu_only_settings_fail_clearly_on_cpu(
+    image_config: Callable[..., Path], overrides: dict, message: str
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("train", "--config", str(image_config("gpu", **overrides)))
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
