@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import statistics
 import subprocess
@@ -26,9 +27,9 @@ import yaml
 def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> None:
     """Runs in a child process: prints per-step seconds as JSON."""
     import torch
+    from lora_scripts.model.stable_diffusion import load_sd_components
 
     from lora_scripts.config import Config
-    from lora_scripts.model.stable_diffusion import load_sd_components
     from lora_scripts.train.image_task import add_image_lora
 
     torch.manual_seed(0)
@@ -99,7 +100,7 @@ def ours(model_dir: Path, data_dir: Path, work: Path, steps: int, resolution: in
     _, _, rss = run(["lora_scripts", "train", "--config", str(config)])
     with open(out / "logs" / "loss.csv", newline="") as handle:
         elapsed = [float(row["elapsed"]) for row in csv.DictReader(handle)]
-    return [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)], rss
+    return [b - a for a, b in itertools.pairwise(elapsed)], rss
 
 
 def main() -> None:

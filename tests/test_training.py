@@ -192,7 +192,7 @@ def test_init_lora_weights_changes_the_start(image_config: Callable[..., Path]) 
     assert weights(continued.path("output_dir")).keys() == weights(fresh.path("output_dir")).keys()
 
     mismatched = load_config(image_config("mismatch", lora_rank=8, init_lora_weights=str(kohya_file)))
-    with pytest.raises(UserError, match="lora_weights.safetensors"):
+    with pytest.raises(UserError, match=r"lora_weights\.safetensors"):
         train(mismatched, progress=False)
 
 
