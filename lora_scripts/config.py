@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,14 @@ from lora_scripts.errors import UserError
 SCHEMA_NAME = "lora-config.schema.json"
 PATH_KEYS = ("train_data_dir", "metadata_path", "output_dir", "logging_dir", "resume_from", "init_lora_weights")
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "bool", "int", "float", "timestamp")}
+_CONSTRUCTOR_ERRORS = (ValueError, LookupError, AttributeError, TypeError, OverflowError)
+_YAML_WORDS = {
+    "a flow sequence": "a [...] list",
+    "a flow mapping": "a {...} mapping",
+    "a quoted scalar": "a quoted text",
+}
+_SCHEMA_WORDS = {"array": "list", "object": "mapping"}
 _YAML_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
 
 
@@ -96,7 +105,9 @@ class Config:
         path = Path(value).expanduser()
         if not path.is_absolute():
             path = self.source.parent / path
-        looks_like_path = value.startswith((".", "/", "~")) or path.exists() or value.endswith((".safetensors", ".ckpt"))
+        looks_like_path = (
+            value.startswith((".", "/", "~")) or path.exists() or value.endswith((".safetensors", ".ckpt"))
+        )
         return str(path.resolve()) if looks_like_path else value
 
     def replace(self, **changes: Any) -> Config:
@@ -128,12 +139,9 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, 
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
+        mark = err.context_mark if _ends_early(err) else err.problem_mark or err.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        reason = err.problem or err.context or "invalid YAML"
-        if "'\\t'" in reason:
-            reason = "a tab character is not allowed in YAML indentation; use spaces"
-        return {}, {}, problem(f"YAML syntax error: {reason}", "(yaml)", line, column)
+        return {}, {}, problem(f"YAML syntax error: {_yaml_reason(err)}", "(yaml)", line, column)
     except yaml.YAMLError as err:
         return {}, {}, problem(f"YAML error: {err}", "(yaml)")
     if node is None:
@@ -159,78 +167,142 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, 
             problems += problem(f"duplicate key (first set on line {first}); keep one", key, line, column)
             continue
         marks[key] = (line, column)
+        if isinstance(value_node, yaml.SequenceNode):
+            for index, item in enumerate(value_node.value):
+                marks[f"{key}[{index}]"] = (item.start_mark.line + 1, item.start_mark.column + 1)
         try:
-            value = constructor.construct_object(value_node, deep=True)
-        except yaml.YAMLError as err:
-            problems += problem(f"cannot read value: {err}", key, line, column)
-            continue
-        values[key] = _as_meant(value, value_node, properties.get(key, {}))
+            values[key] = _read_value(constructor, value_node, properties.get(key, {}))
+        except yaml.MarkedYAMLError as err:
+            problems += problem(f"cannot read value: {_yaml_reason(err)}", key, line, column)
+        except _CONSTRUCTOR_ERRORS as err:  # PyYAML raises these for malformed tagged or dated scalars
+            text = value_node.value if isinstance(value_node, yaml.ScalarNode) else "value"
+            problems += problem(f"cannot read {text!r}: {err}", key, line, column)
     return values, marks, problems
 
 
-def _as_meant(value: Any, node: yaml.Node, spec: dict[str, Any]) -> Any:
-    """Read a YAML 1.1 scalar the way the schema says it is meant."""
+def _yaml_reason(err: yaml.MarkedYAMLError) -> str:
+    """One line saying what is wrong, in words for people who do not know YAML's grammar."""
+    reason = err.problem or err.context or "invalid YAML"
+    if "'\\t'" in reason:
+        return "a tab character is not allowed in YAML indentation; use spaces"
+    if "another document" in f"{err.context} {err.problem}" or "single document" in reason:
+        return "more than one YAML document ('---'); a config is a single document"
+    if _ends_early(err) and err.context:
+        opened = err.context.removeprefix("while parsing ").removeprefix("while scanning ")
+        opened = _YAML_WORDS.get(opened, opened)
+        return f"the file ends inside {opened} that starts here; is a closing quote or bracket missing?"
+    if "mapping values are not allowed" in reason:
+        return "unexpected ':' (indented line, or a value containing ': ' that needs quotes)"
+    return reason
+
+
+def _ends_early(err: yaml.MarkedYAMLError) -> bool:
+    return err.context_mark is not None and any(end in (err.problem or "") for end in ("end of stream", "<stream end>"))
+
+
+def _read_value(constructor: yaml.SafeLoader, node: yaml.Node, spec: dict[str, Any]) -> Any:
+    """Read a YAML 1.1 value the way the schema says it is meant."""
     types = spec.get("type")
     types = types if isinstance(types, list) else [types]
     plain = isinstance(node, yaml.ScalarNode) and node.style is None
-    if "string" in types and plain and value is not None and not isinstance(value, str):
+    if "string" in types and plain and node.tag in _PLAIN_TAGS:
         return node.value  # mixed_precision: no -> "no"; trigger_word: 1990 -> "1990"
+    value = constructor.construct_object(node, deep=True)
     if "number" in types and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
         return float(value)  # learning_rate: 2e-4 (a string to YAML 1.1)
+    if "integer" in types and isinstance(value, float) and value.is_integer():
+        return int(value)  # lora_rank: 8.0 -> 8
     return value
 
 
 def check_values(values: dict[str, Any], marks: dict[str, tuple[int, int]], shown: str) -> list[Problem]:
-    """Check parsed values against the schema; one :class:`Problem` per fault, in file order."""
+    """Check parsed values against the schema; one :class:`Problem` per faulty key, in file order."""
     properties = schema()["properties"]
-    problems = []
+    problems: dict[str, Problem] = {}
     for error in _validator().iter_errors(values):
         if error.validator == "additionalProperties":
-            for key in sorted(set(error.instance) - set(properties), key=lambda k: marks.get(k, (0, 0))):
-                problems.append(_problem(shown, marks, key, f"unknown key{_did_you_mean(key, properties)}"))
-            continue
-        if error.validator == "required":
-            missing = re.findall(r"'([^']+)' is a required property", error.message)
-            key = missing[0] if missing else "(file)"
-            what = properties.get(key, {}).get("description", "").split(".")[0].lower()
-            problems.append(Problem(shown, 1, 1, key, f"required key is missing: add '{key}: ...' ({what})"))
-            continue
-        key = str(error.absolute_path[0]) if error.absolute_path else "(file)"
-        problems.append(_problem(shown, marks, key, _explain(error, properties.get(key, {}))))
-    return sorted(problems, key=lambda p: (p.line, p.column))
+            for key in set(error.instance) - set(properties):
+                problems[key] = _problem(shown, marks, key, f"unknown key{_did_you_mean(key, properties)}")
+        elif error.validator == "required":
+            for key in re.findall(r"'([^']+)' is a required property", error.message):
+                about = _first_sentence(properties.get(key, {}).get("description", ""))
+                problems[key] = Problem(shown, 1, 1, key, f"required key is missing: add '{key}: ...' ({about})")
+        elif error.absolute_path:
+            key = str(error.absolute_path[0])
+            index = error.absolute_path[1] if len(error.absolute_path) > 1 else None
+            place = key if index is None else f"{key}[{index}]"
+            problems.setdefault(key, _problem(shown, marks, place, _explain(error, properties.get(key, {}), index)))
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value) and key not in problems:
+            problems[key] = _problem(shown, marks, key, f"{_show(value)} is not a finite number")
+    return sorted(problems.values(), key=lambda p: (p.line, p.column))
 
 
-def _problem(shown: str, marks: dict[str, tuple[int, int]], key: str, message: str) -> Problem:
-    line, column = marks.get(key, (1, 1))
+def _problem(shown: str, marks: dict[str, tuple[int, int]], place: str, message: str) -> Problem:
+    """A problem at ``place`` (a key, or ``key[index]`` for a list item), named by its key."""
+    key = place.split("[")[0]
+    line, column = marks.get(place, marks.get(key, (1, 1)))
     return Problem(shown, line, column, key, message)
 
 
-def _explain(error: Any, spec: dict[str, Any]) -> str:
-    value = error.instance
-    shown = f"{value!r}" if not isinstance(value, bool) else str(value).lower()
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=[a-z)])\.(\s|$)", text, maxsplit=1)[0]
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML, not as Python prints it."""
     if value is None:
-        shown = "nothing (null)"
-    rule = error.validator
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"inf": ".inf", "-inf": "-.inf"}.get(str(value), ".nan")
+    text = f"'{value}'" if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _explain(error: Any, spec: dict[str, Any], index: int | None) -> str:
+    """What is wrong with one value, what was given and what is allowed."""
+    value, rule, limit = error.instance, error.validator, error.validator_value
+    where = "" if index is None else f"item {index + 1}: "
+    shown = _show(value)
     if rule == "type":
-        wanted = error.validator_value
-        wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
-        where = f"item {error.absolute_path[1] + 1}: " if len(error.absolute_path) > 1 else ""
-        got = "" if value is None else f" ({_YAML_TYPES.get(type(value), type(value).__name__)})"
-        return f"{where}got {shown}{got}; expected {_article(str(wanted))}"
+        wanted = " or ".join(_SCHEMA_WORDS.get(t, t) for t in (limit if isinstance(limit, list) else [limit]))
+        got = "" if value is None or isinstance(value, dict) else f" ({_YAML_TYPES.get(type(value), 'a date')})"
+        message = f"{where}got {shown}{got}; expected {_article(str(wanted))}"
+        if value is None and "default" in spec:
+            message += f"; leave the key out to use the default ({_show(spec['default'])})"
+        elif isinstance(value, str) and _quoted_means(value, wanted):
+            message += f"; write {value.strip()} without quotes"
+        return message
     if rule == "enum":
-        allowed = ", ".join(str(v) for v in error.validator_value)
-        return f"{shown} is not allowed; use one of: {allowed}{_did_you_mean(str(value), error.validator_value)}"
+        allowed = ", ".join(str(v) for v in limit)
+        return f"{where}{shown} is not allowed; use one of: {allowed}{_did_you_mean(str(value), limit)}"
     if rule in ("minimum", "exclusiveMinimum"):
-        return f"{shown} is too small; must be {'at least' if rule == 'minimum' else 'more than'} {error.validator_value}"
+        return f"{where}{shown} is too small; must be {'at least' if rule == 'minimum' else 'more than'} {limit}"
     if rule in ("maximum", "exclusiveMaximum"):
-        return f"{shown} is too large; must be {'at most' if rule == 'maximum' else 'less than'} {error.validator_value}"
+        return f"{where}{shown} is too large; must be {'at most' if rule == 'maximum' else 'less than'} {limit}"
     if rule == "multipleOf":
-        return f"{shown} must be a multiple of {error.validator_value}"
+        below = int(value // limit * limit)
+        return f"{where}{shown} must be a multiple of {limit} (e.g. {max(below, limit)} or {below + limit})"
     if rule in ("minLength", "minItems"):
-        return f"{shown} is empty; {spec.get('description', 'a value is needed')}"
+        wanted = _first_sentence(spec.get("description", "a value"))
+        return f"{where}{shown} is empty; expected {wanted[:1].lower()}{wanted[1:]}"
     if rule == "pattern":
-        return f"{shown} is not valid here; {spec.get('description', '')}"
-    return f"{shown}: {error.message}"
+        example = f"; for example '{spec['examples'][0]}'" if spec.get("examples") else ""
+        return f"{where}{shown} is not valid here: {_first_sentence(spec.get('description', ''))}{example}"
+    return f"{where}{shown}: {error.message}"
+
+
+def _quoted_means(text: str, wanted: str) -> bool:
+    """Whether a quoted string would have been right without its quotes."""
+    if "boolean" in wanted:
+        return text.strip().lower() in ("true", "false")
+    if "integer" in wanted:
+        return text.strip().lstrip("+-").isdigit()
+    return "number" in wanted and bool(_FLOAT_TEXT.match(text.strip()))
 
 
 def _article(word: str) -> str:
@@ -246,12 +318,19 @@ def _did_you_mean(word: str, choices: Any) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _checked(path: Path) -> tuple[dict[str, Any], list[Problem]]:
+    """The values of ``path`` and every problem found reading or checking them."""
+    values, marks, problems = read_config(path)
+    if any(p.key in ("(file)", "(yaml)") for p in problems):
+        return values, problems  # nothing was read: schema checks would only add noise
+    unreadable = {p.key for p in problems}
+    checked = [p for p in check_values(values, marks, str(path)) if p.key not in unreadable]
+    return values, sorted(problems + checked, key=lambda p: (p.line, p.column))
+
+
 def validate_file(path: str | Path) -> list[Problem]:
     """All problems of one config file (empty when valid)."""
-    values, marks, problems = read_config(path)
-    if problems:
-        return problems
-    return check_values(values, marks, str(path))
+    return _checked(Path(path))[1]
 
 
 def load_config(path: str | Path) -> Config:
@@ -259,9 +338,8 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
-    problems = validate_file(path)
+    values, problems = _checked(path)
     if problems:
         more = f" (and {len(problems) - 1} more; run 'lora-scripts validate {path}')" if len(problems) > 1 else ""
         raise UserError(problems[0].text() + more)
-    values, _, _ = read_config(path)
     return Config(values, path.resolve())
