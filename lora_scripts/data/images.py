@@ -20,6 +20,7 @@ Torch is imported only by :func:`load_image`, so the checks stay light.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import random
@@ -122,7 +123,7 @@ def scan_dataset(data_dir: Path, metadata: Path | None, trigger_word: str, resol
     if metadata is None:
         metadata = next((data_dir / name for name in METADATA_NAMES if (data_dir / name).is_file()), None)
     scan = Scan(data_dir, metadata.name if metadata else ".txt files")
-    scan.images = sorted(_image_files(data_dir))
+    scan.images = _files(data_dir, IMAGE_SUFFIXES)
     if metadata is None:
         listed = _txt_captions(scan)
     elif not metadata.is_file():
@@ -145,11 +146,15 @@ def scan_dataset(data_dir: Path, metadata: Path | None, trigger_word: str, resol
     return scan
 
 
-def _image_files(data_dir: Path) -> Iterable[Path]:
+def _files(data_dir: Path, suffixes: Iterable[str]) -> list[Path]:
+    """Files under ``data_dir`` with one of ``suffixes`` (any case), skipping hidden files and folders."""
+    wanted = set(suffixes)
+    found = []
     for path in data_dir.rglob("*"):
         hidden = any(part.startswith(".") for part in path.relative_to(data_dir).parts)
-        if not hidden and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            yield path
+        if not hidden and path.suffix.lower() in wanted and path.is_file():
+            found.append(path)
+    return sorted(found)
 
 
 def _txt_captions(scan: Scan) -> dict[Path, str]:
@@ -167,7 +172,7 @@ def _txt_captions(scan: Scan) -> dict[Path, str]:
             continue
         captions[image] = scan.captions[image] = " ".join(text.split())
     stems = {image.with_suffix("") for image in scan.images}
-    for caption_file in sorted(scan.data_dir.rglob("*.txt")):
+    for caption_file in _files(scan.data_dir, [".txt"]):
         if caption_file.with_suffix("") not in stems:
             scan.warnings.append(DataProblem(caption_file, "caption file without an image next to it"))
     return captions
@@ -331,7 +336,8 @@ def bucket_step(resolution: int) -> int:
     return max(8, min(64, resolution // 4 // 8 * 8))
 
 
-def buckets(resolution: int) -> list[tuple[int, int]]:
+@functools.cache
+def buckets(resolution: int) -> tuple[tuple[int, int], ...]:
     """All (width, height) buckets: sides multiples of :func:`bucket_step`, area at most ``resolution**2``,
     each as large as the step allows for its width, aspect ratio at most ``MAX_BUCKET_ASPECT``."""
     step, area = bucket_step(resolution), resolution * resolution
@@ -340,7 +346,7 @@ def buckets(resolution: int) -> list[tuple[int, int]]:
         height = area // width // step * step
         if height >= step and max(width, height) / min(width, height) <= MAX_BUCKET_ASPECT:
             found |= {(width, height), (height, width)}
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def target_size(size: tuple[int, int], resolution: int, bucket: bool) -> tuple[int, int]:
