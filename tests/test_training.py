@@ -21,7 +21,7 @@ from lora_scripts.errors import UserError
 from lora_scripts.train.checkpoint import list_checkpoints
 from lora_scripts.train.loop import TrainingStopped, train
 
-from .conftest import REPO, run_cli
+from conftest import REPO, run_cli
 
 
 def weights(output_dir: Path) -> dict[str, torch.Tensor]:
