@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""Markdown table of every config and its validation status, for the pull-request job summary.
+
+Usage: ci/validate_summary.py [PATH...]   (default configs/). Appends to $GITHUB_STEP_SUMMARY when
+set, else prints. Always exits 0: `lora-scripts validate` is the step that fails the job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lora_scripts.config import validate_file
+from lora_scripts.validate import find_configs
+
+
+def table(paths: list[str]) -> str:
+    configs = find_configs(paths)
+    lines = ["## Config validation", "", "| config | status | first problem |", "| --- | --- | --- |"]
+    for config in configs:
+        problems = validate_file(config)
+        status = "valid" if not problems else f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        first = problems[0].text().split(": error: ", 1)[-1].replace("|", "\\|") if problems else ""
+        lines.append(f"| `{config}` | {'✅' if not problems else '❌'} {status} | {first} |")
+    if not configs:
+        lines.append("| (no configs found) | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = table(argv)
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if target:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
