@@ -1,0 +1,154 @@
+"""Text-mode benchmark: tokens/s and per-step time of our trainer against a bare peft loop.
+
+For the tiny and small mock causal LMs, on batches of the same shape (every example truncated to
+exactly --seq-len tokens):
+
+- task: TextTask's model(batch), backward, AdamW step (what the loop runs per step);
+- bare: a plain peft model (same LoRA targets), model(**batch).loss, backward, AdamW step;
+- loop: `lora-scripts train` end to end, per-step time from its loss.csv (includes the DataLoader,
+  accelerate, gradient clipping, the scheduler and logging).
+
+Task and bare alternate in rounds in one process so that both see the same machine state.
+Target: task/bare and loop/bare within 1.10x.
+
+    python benchmarks/bench_text.py [--steps 30] [--batch-size 4] [--seq-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lora_scripts.config import Config
+from lora_scripts.model.mock_lm import build_mock_causal_lm
+from lora_scripts.train.text_task import TextTask
+
+TARGET = 1.10
+ROUNDS = 3
+WARMUP = 3
+
+
+def write_data(folder: Path, count: int) -> Path:
+    """Lines long enough that truncation makes every example exactly max_seq_length tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    line = "The weather today is sunny with a light breeze; tomorrow it may rain in the afternoon. " * 40
+    (folder / "long.jsonl").write_text("".join(json.dumps({"text": f"{i} {line}"}) + "\n" for i in range(count)))
+    return folder
+
+
+def step_times(step: Callable[[], None], steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times[WARMUP:]
+
+
+def training_step(forward: Callable[[], torch.Tensor], params: list[torch.nn.Parameter]) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        forward().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def in_process(config: Config, steps: int) -> tuple[list[float], list[float], tuple[int, ...]]:
+    """Per-step seconds of TextTask and of a bare peft loop on the same batch."""
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    task = TextTask(config)
+    task.check_data()
+    task.build(Accelerator(cpu=True))
+    batch = task.collate(task.dataset()[: config.batch_size])
+    task.model.train()
+    task_step = training_step(lambda: task.model(batch), [p for p in task.model.parameters() if p.requires_grad])
+
+    base = AutoModelForCausalLM.from_pretrained(config.base_model)
+    targets = task.peft_model.peft_config["default"].target_modules
+    bare = get_peft_model(base, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets))
+    bare.train()
+    bare_step = training_step(lambda: bare(**batch).loss, [p for p in bare.parameters() if p.requires_grad])
+
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(ROUNDS):
+        ours += step_times(task_step, steps)
+        theirs += step_times(bare_step, steps)
+    return ours, theirs, tuple(batch["input_ids"].shape)
+
+
+def through_loop(config: Config, work: Path, steps: int) -> list[float]:
+    """Per-step seconds of `lora-scripts train`, from the elapsed column of its loss.csv."""
+    values = {**config.values, "max_train_steps": steps, "output_dir": str(work / "out")}
+    path = work / "bench.yaml"
+    path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_scripts", "train", "--config", str(path)], capture_output=True, text=True
+    )
+    if proc.returncode:
+        sys.exit(f"lora-scripts train failed:\n{proc.stderr[-2000:]}")
+    with open(work / "out" / "logs" / "loss.csv", newline="") as handle:
+        elapsed = [float(row["elapsed"]) for row in csv.DictReader(handle)]
+    return [b - a for a, b in itertools.pairwise(elapsed)][WARMUP:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="lora-bench-text-"))
+    data = write_data(work / "data", count=max(args.batch_size, 1) * 4)
+    print(f"device: cpu, {torch.get_num_threads()} threads")
+    print(f"{'model':<6} {'run':<5} {'ms/step':>9} {'tokens/s':>10} {'vs bare':>8}")
+    for size in args.sizes:
+        model = work / f"mock-{size}"
+        build_mock_causal_lm(model, size=size)
+        folder = work / size
+        folder.mkdir()
+        config = Config(
+            {
+                "mode": "text",
+                "base_model": str(model),
+                "train_data_dir": str(data),
+                "output_dir": str(folder / "out"),
+                "max_seq_length": args.seq_len,
+                "batch_size": args.batch_size,
+                "max_grad_norm": 0,
+            },
+            folder / "bench.yaml",
+        )
+        ours, bare, shape = in_process(config, args.steps)
+        loop = through_loop(config, folder, args.steps * 2)
+        tokens = shape[0] * shape[1]
+        bare_s = statistics.median(bare)
+        for name, times in (("bare", bare), ("task", ours), ("loop", loop)):
+            seconds = statistics.median(times)
+            ratio = seconds / bare_s
+            verdict = "" if name == "bare" else (" ok" if ratio <= TARGET else " OVER")
+            print(f"{size:<6} {name:<5} {seconds * 1000:>9.1f} {tokens / seconds:>10.0f} {ratio:>7.2f}x{verdict}")
+    print(f"(batch {shape[0]} x {shape[1]} tokens; target <= {TARGET}x; medians after {WARMUP} warm-up steps)")
+
+
+if __name__ == "__main__":
+    main()
