@@ -207,6 +207,8 @@ def _read_value(constructor: yaml.SafeLoader, node: yaml.Node, spec: dict[str, A
     plain = isinstance(node, yaml.ScalarNode) and node.style is None
     if "string" in types and plain and node.tag in _PLAIN_TAGS:
         return node.value  # mixed_precision: no -> "no"; trigger_word: 1990 -> "1990"
+    if "array" in types and isinstance(node, yaml.SequenceNode):
+        return [_read_value(constructor, item, spec.get("items", {})) for item in node.value]
     value = constructor.construct_object(node, deep=True)
     if "number" in types and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
         return float(value)  # learning_rate: 2e-4 (a string to YAML 1.1)
@@ -272,7 +274,7 @@ def _explain(error: Any, spec: dict[str, Any], index: int | None) -> str:
         wanted = " or ".join(_SCHEMA_WORDS.get(t, t) for t in (limit if isinstance(limit, list) else [limit]))
         got = "" if value is None or isinstance(value, dict) else f" ({_YAML_TYPES.get(type(value), 'a date')})"
         message = f"{where}got {shown}{got}; expected {_article(str(wanted))}"
-        if value is None and "default" in spec:
+        if value is None and index is None and "default" in spec:
             message += f"; leave the key out to use the default ({_show(spec['default'])})"
         elif isinstance(value, str) and _quoted_means(value, wanted):
             message += f"; write {value.strip()} without quotes"
