@@ -1,0 +1,308 @@
+"""LoRA weight files of image mode: the diffusers file, the kohya file, their metadata, and loading them back."""
+
+from __future__ import annotations
+
+import copy
+import json
+import string
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lora_scripts.config import Config
+from lora_scripts.errors import UserError
+from lora_scripts.export.diffusers_format import DIFFUSERS_WEIGHT_NAME, add_image_lora, save_diffusers_lora
+from lora_scripts.export.kohya import (
+    KOHYA_WEIGHT_NAME,
+    apply_lora_weights,
+    check_keys_map,
+    load_lora_file,
+    save_kohya_lora,
+)
+from lora_scripts.export.metadata import config_hash, dataset_fingerprint, kohya_metadata, tag_frequency
+
+LORA = SimpleNamespace(lora_rank=4, lora_alpha=6, lora_dropout=0.0, conv_lora_rank=2)
+
+
+def tiny_pipeline(folder: Path):
+    """A random-weight SD 1.x pipeline small enough for CPU tests; tokenizer from a locally written vocab."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    chars = string.ascii_lowercase + string.digits
+    vocab = {token: i for i, token in enumerate([*chars, *(c + "</w>" for c in chars)])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    n = len(vocab)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=n,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            bos_token_id=n - 2,
+            eos_token_id=n - 1,
+            pad_token_id=n - 1,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    images = pipe("a cat", num_inference_steps=2, generator=generator, height=16, width=16, output_type="pt").images
+    return images
+
+
+def unet_and_te_output(unet, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(1, 4, 8, 8, generator=generator)
+    tokens = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        hidden = text_encoder(tokens)[0]
+        return unet(sample, 10, encoder_hidden_states=hidden).sample, hidden
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """The base pipeline with UNet (attention + LoCon) and text-encoder LoRA set to random non-zero weights,
+    and both weight files written into one output folder."""
+    pipe = copy.deepcopy(base)
+    add_image_lora(pipe.unet, pipe.text_encoder, LORA)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
+            if ".lora_" in name:
+                param.normal_(0, 0.3)
+    out = tmp_path_factory.mktemp("output")
+    values = {"train_data_dir": "data", "base_model": "mock", "output_dir": "out", **vars(LORA)}
+    config = Config(values, out / "c.yaml")
+    metadata = kohya_metadata(
+        config,
+        step=5,
+        epoch=1,
+        base_model="mock-sd",
+        dataset_fingerprint="f" * 64,
+        tag_frequency={"cat": 2, "red": 1},
+    )
+    return SimpleNamespace(
+        pipe=pipe,
+        out=out,
+        diffusers_file=save_diffusers_lora(out, pipe.unet, pipe.text_encoder),
+        kohya_file=save_kohya_lora(out, pipe.unet, pipe.text_encoder, metadata),
+        image=render(pipe),
+        base_image=render(base),
+        outputs=unet_and_te_output(pipe.unet, pipe.text_encoder),
+    )
+
+
+def fresh(base, **lora):
+    """A copy of the base pipeline with freshly initialised LoRA layers (``lora`` overrides LORA)."""
+    pipe = copy.deepcopy(base)
+    add_image_lora(pipe.unet, pipe.text_encoder, SimpleNamespace(**{**vars(LORA), **lora}))
+    return pipe
+
+
+def test_both_files_written_into_output_dir(trained):
+    assert trained.diffusers_file == trained.out / DIFFUSERS_WEIGHT_NAME
+    assert trained.kohya_file == trained.out / KOHYA_WEIGHT_NAME
+    assert sorted(p.name for p in trained.out.iterdir()) == sorted([DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME])
+
+
+def test_diffusers_file_loads_into_pipeline(base, trained):
+    assert (trained.image - trained.base_image).abs().max() > 1e-3  # the LoRA changes the output
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(trained.out)  # the folder, as users do; it also holds the kohya file
+    torch.testing.assert_close(render(pipe), trained.image, atol=1e-5, rtol=1e-4)
+
+
+def test_diffusers_kohya_loader_gives_same_output(base, trained):
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(str(trained.kohya_file))
+    torch.testing.assert_close(render(pipe), trained.image, atol=1e-5, rtol=1e-4)
+
+
+def test_kohya_keys_use_sd1_layout(base, trained):
+    state = load_file(trained.kohya_file)
+    q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    to_q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert state[f"{q}.lora_down.weight"].shape == (4, 32)
+    assert state[f"{to_q}.lora_up.weight"].shape == (32, 4)
+    assert state[f"{to_q}.alpha"].item() == 6
+    assert state[f"{conv}.lora_down.weight"].shape == (2, 32, 3, 3)  # LoCon keeps the conv shape
+    assert state[f"{conv}.lora_up.weight"].shape == (32, 2, 1, 1)
+    assert state[f"{conv}.alpha"].item() == 2
+    names = {key.split(".")[0] for key in state}
+    for name in names:
+        assert name.startswith(("lora_unet_", "lora_te_"))
+        assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= state.keys()
+    check_keys_map(state, base.unet, base.text_encoder)  # every key lands on the plain base model
+
+
+def test_check_keys_map_rejects_forged_and_misshapen_keys(base, trained):
+    state = load_file(trained.kohya_file)
+    forged = "lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+    state[forged] = torch.zeros(4, 32)
+    misshapen = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight"
+    state[misshapen] = torch.zeros(4, 31)
+    with pytest.raises(UserError) as err:
+        check_keys_map(state, base.unet, base.text_encoder, source="x.safetensors")
+    message = str(err.value)
+    assert message.startswith("x.safetensors: 2 key(s)")
+    assert forged in message and misshapen in message and "\n" not in message
+    te_key = next(key for key in state if key.startswith("lora_te_"))
+    with pytest.raises(UserError, match=te_key):
+        check_keys_map({te_key: state[te_key]}, base.unet, None)
+
+
+@pytest.mark.parametrize("which", ["kohya_file", "diffusers_file", "out"])
+def test_loaded_file_reproduces_trained_outputs(base, trained, which):
+    pipe = fresh(base, lora_alpha=8)  # a different alpha: the loader rescales so the update is the same
+    before = unet_and_te_output(pipe.unet, pipe.text_encoder)
+    path = getattr(trained, which)
+    weights = load_lora_file(path)
+    assert weights.rank == 4
+    apply_lora_weights(pipe.unet, pipe.text_encoder, weights, path)
+    after = unet_and_te_output(pipe.unet, pipe.text_encoder)
+    assert (before[0] - trained.outputs[0]).abs().max() > 1e-3
+    for got, want in zip(after, trained.outputs, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_external_kohya_file_fp16_without_alpha(base, trained, tmp_path):
+    """kohya files from elsewhere: fp16, alpha left out (meaning alpha = rank); a folder holding one file."""
+    state = load_file(trained.kohya_file)
+    external = {}
+    for key, value in state.items():
+        if key.endswith(".alpha"):
+            continue
+        if key.endswith("lora_up.weight"):
+            name = key.split(".")[0]
+            value = value * state[f"{name}.alpha"] / state[f"{name}.lora_down.weight"].shape[0]
+        external[key] = value.half()
+    save_file(external, str(tmp_path / "my_style_v2.safetensors"))
+    pipe = fresh(base)
+    apply_lora_weights(pipe.unet, pipe.text_encoder, load_lora_file(tmp_path), tmp_path)
+    for got, want in zip(unet_and_te_output(pipe.unet, pipe.text_encoder), trained.outputs, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_rank_mismatch_names_file_and_key(base, trained):
+    pipe = fresh(base, lora_rank=8)
+    weights = load_lora_file(trained.kohya_file)
+    with pytest.raises(UserError) as err:
+        apply_lora_weights(pipe.unet, pipe.text_encoder, weights, trained.kohya_file)
+    message = str(err.value)
+    assert str(trained.kohya_file) in message
+    assert "lora_A.weight has shape (4, 32) in the file but (8, 32)" in message
+
+
+def test_missing_locon_layers_are_an_error(base, trained):
+    pipe = fresh(base, conv_lora_rank=0)
+    with pytest.raises(
+        UserError, match=r"unet\.\S+\.conv\w*\.lora_[AB]\.weight has no LoRA layer in the model being trained"
+    ):
+        apply_lora_weights(pipe.unet, pipe.text_encoder, load_lora_file(trained.kohya_file), trained.kohya_file)
+
+
+def test_text_encoder_weights_need_train_text_encoder(base, trained):
+    pipe = copy.deepcopy(base)
+    add_image_lora(pipe.unet, None, LORA)
+    with pytest.raises(UserError, match="train_text_encoder: true"):
+        apply_lora_weights(pipe.unet, None, load_lora_file(trained.kohya_file), trained.kohya_file)
+
+
+def test_not_a_lora_file(tmp_path):
+    zeros = tmp_path / "zeros.safetensors"
+    zeros.write_bytes(bytes(1 << 20))
+    other = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, str(other))
+    pickle = tmp_path / "old.ckpt"
+    pickle.write_bytes(b"\x80\x04not unpickled")
+    cases = [
+        (zeros, "not a readable safetensors file"),
+        (other, "not a LoRA file of a known layout"),
+        (pickle, "not a .safetensors file"),
+        (tmp_path / "missing.safetensors", "not found"),
+        (tmp_path, "found 2 .safetensors files"),
+    ]
+    for path, reason in cases:
+        with pytest.raises(UserError, match=reason) as err:
+            load_lora_file(path)
+        assert str(err.value).startswith(str(path))
+
+
+def test_metadata_in_header_all_strings(trained):
+    with safe_open(str(trained.kohya_file), framework="pt") as handle:
+        header = handle.metadata()
+    assert all(isinstance(value, str) for value in header.values())
+    assert header["ss_network_dim"] == "4"
+    assert header["ss_network_alpha"] == "6"
+    assert header["ss_steps"] == "5"
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(header["ss_tag_frequency"]) == {"data": {"cat": 2, "red": 1}}
+    assert header["lora_scripts.dataset_fingerprint"] == "f" * 64
+    assert len(header["lora_scripts.config_hash"]) == 64
+
+
+def test_config_hash_follows_values(tmp_path):
+    config = Config({"train_data_dir": "d", "base_model": "m", "output_dir": "o"}, tmp_path / "c.yaml")
+    assert config_hash(config) == config_hash(config.replace())
+    assert config_hash(config) != config_hash(config.replace(lora_rank=16))
+
+
+def test_dataset_fingerprint_and_tag_frequency(tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"x")
+    first = dataset_fingerprint([(image, "cat, red")])
+    assert first == dataset_fingerprint([(image, "cat, red")])
+    assert first != dataset_fingerprint([(image, "cat, blue")])
+    image.write_bytes(b"xy")
+    assert first != dataset_fingerprint([(image, "cat, red")])
+    assert tag_frequency(["cat, red", " cat ,cat", "dog"]) == {"cat": 2, "red": 1, "dog": 1}
