@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -190,11 +189,6 @@ def _expand(value: str) -> str:
     return value
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("lora_scripts.smoke") is None
-    or importlib.util.find_spec("lora_scripts.model.mock_sd") is None,
-    reason="needs the smoke command and the mock model",
-)
 def test_smoke_workflow_run_steps_work_locally(tmp_path: Path) -> None:
     """Every `run:` step of smoke.yml in order, as the runner would (bash -eo pipefail), `uses:` skipped.
 
