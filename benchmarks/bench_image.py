@@ -27,10 +27,10 @@ import yaml
 def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> None:
     """Runs in a child process: prints per-step seconds as JSON."""
     import torch
-    from lora_scripts.model.stable_diffusion import load_sd_components
 
     from lora_scripts.config import Config
-    from lora_scripts.train.image_task import add_image_lora
+    from lora_scripts.export.diffusers_format import add_image_lora
+    from lora_scripts.model.stable_diffusion import load_sd_components
 
     torch.manual_seed(0)
     c = load_sd_components(model_dir)

@@ -21,58 +21,12 @@ if TYPE_CHECKING:
     from lora_scripts.data.images import ImageExample
     from lora_scripts.model.stable_diffusion import SDComponents
 
-UNET_ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 SAMPLE_SEED = 1234
 
 
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     """The dtype frozen weights are kept in: half precision under mixed precision, else fp32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def unet_conv_modules(unet: torch.nn.Module) -> list[str]:
-    """The UNet's 3x3 / 1x1 convolutions inside resnets, down- and up-samplers (LoCon targets)."""
-    return [
-        name
-        for name, module in unet.named_modules()
-        if isinstance(module, torch.nn.Conv2d) and any(part in name for part in ("resnets", "samplers"))
-    ]
-
-
-def add_image_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, config: Config) -> None:
-    """Add the LoRA layers the config asks for (peft adapters, named 'default')."""
-    from peft import LoraConfig
-
-    targets = list(UNET_ATTENTION_TARGETS)
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    if config.conv_lora_rank:
-        convs = unet_conv_modules(unet)
-        targets += convs
-        rank_pattern = {f"^{name}$": config.conv_lora_rank for name in convs}
-        alpha_pattern = {f"^{name}$": config.conv_lora_rank for name in convs}
-    unet.add_adapter(
-        LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=targets,
-            rank_pattern=rank_pattern,
-            alpha_pattern=alpha_pattern,
-        )
-    )
-    if text_encoder is not None:
-        text_encoder.add_adapter(
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                init_lora_weights="gaussian",
-                target_modules=TEXT_ENCODER_TARGETS,
-            )
-        )
 
 
 class DenoisingLoss(torch.nn.Module):
@@ -164,6 +118,7 @@ class ImageTask:
 
     # -- model ------------------------------------------------------------------------------------
     def build(self, accelerator: Accelerator) -> None:
+        from lora_scripts.export.diffusers_format import add_image_lora
         from lora_scripts.model.stable_diffusion import load_sd_components
 
         config = self.config
@@ -276,6 +231,7 @@ class ImageTask:
             base_model=self.config.base_model,
             dataset_fingerprint=dataset_fingerprint([(e.path, e.caption) for e in self.examples]),
             tag_frequency=tag_frequency(captions),
+            image_count=len(self.examples),
             extra={"ss_loss": f"{info.loss:.6g}" if info.loss is not None else ""},
         )
         return [
