@@ -26,7 +26,7 @@ SCHEMA_NAME = "lora-config.schema.json"
 PATH_KEYS = ("train_data_dir", "metadata_path", "output_dir", "logging_dir", "resume_from", "init_lora_weights")
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "bool", "int", "float", "timestamp")}
-_CONSTRUCTOR_ERRORS = (ValueError, LookupError, AttributeError, TypeError, OverflowError)
+_CONSTRUCTOR_ERRORS = (ValueError, LookupError, AttributeError, TypeError, OverflowError, RecursionError)
 _YAML_WORDS = {
     "a flow sequence": "a [...] list",
     "a flow mapping": "a {...} mapping",
@@ -137,13 +137,15 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, 
     except UnicodeDecodeError as err:
         return {}, {}, problem(f"not UTF-8 text (bad byte at offset {err.start})")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = _compose(text)
     except yaml.MarkedYAMLError as err:
         mark = err.context_mark if _ends_early(err) else err.problem_mark or err.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         return {}, {}, problem(f"YAML syntax error: {_yaml_reason(err)}", "(yaml)", line, column)
     except yaml.YAMLError as err:
         return {}, {}, problem(f"YAML error: {err}", "(yaml)")
+    except RecursionError:
+        return {}, {}, problem("YAML nested too deeply; a config is flat 'key: value' lines", "(yaml)")
     if node is None:
         return {}, {}, problem("file is empty: expected 'key: value' lines such as 'base_model: ...'")
     if not isinstance(node, yaml.MappingNode):
@@ -175,9 +177,21 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple[int, 
         except yaml.MarkedYAMLError as err:
             problems += problem(f"cannot read value: {_yaml_reason(err)}", key, line, column)
         except _CONSTRUCTOR_ERRORS as err:  # PyYAML raises these for malformed tagged or dated scalars
-            text = value_node.value if isinstance(value_node, yaml.ScalarNode) else "value"
-            problems += problem(f"cannot read {text!r}: {err}", key, line, column)
+            text = repr(value_node.value) if isinstance(value_node, yaml.ScalarNode) else "the value"
+            reason = "nested too deeply" if isinstance(err, RecursionError) else err
+            problems += problem(f"cannot read {text}: {reason}", key, line, column)
     return values, marks, problems
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The YAML node tree of ``text``: libyaml's fast parser when present; PyYAML's for the clearer errors."""
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is not None:
+        try:
+            return yaml.compose(text, Loader=fast)
+        except yaml.YAMLError:
+            pass  # parse again below: the pure-Python parser's messages and positions are the ones we explain
+    return yaml.compose(text, Loader=yaml.SafeLoader)
 
 
 def _yaml_reason(err: yaml.MarkedYAMLError) -> str:
@@ -204,7 +218,7 @@ def _read_value(constructor: yaml.SafeLoader, node: yaml.Node, spec: dict[str, A
     """Read a YAML 1.1 value the way the schema says it is meant."""
     types = spec.get("type")
     types = types if isinstance(types, list) else [types]
-    plain = isinstance(node, yaml.ScalarNode) and node.style is None
+    plain = isinstance(node, yaml.ScalarNode) and not node.style  # None from PyYAML, "" from libyaml
     if "string" in types and plain and node.tag in _PLAIN_TAGS:
         return node.value  # mixed_precision: no -> "no"; trigger_word: 1990 -> "1990"
     if "array" in types and isinstance(node, yaml.SequenceNode):
