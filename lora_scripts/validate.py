@@ -13,7 +13,7 @@ CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
 def find_configs(paths: list[str]) -> list[Path]:
-    """Expand folders into the YAML files they hold; a named file is taken whatever its suffix."""
+    """Expand folders into the YAML files they hold, each file once; a named file is taken whatever its suffix."""
     found: list[Path] = []
     for raw in paths or ["configs"]:
         path = Path(raw)
@@ -23,7 +23,7 @@ def find_configs(paths: list[str]) -> list[Path]:
             found.append(path)
         else:
             raise UserError(f"{raw}: no such file or folder", exit_code=2)
-    return found
+    return list(dict.fromkeys(found))
 
 
 def check_paths(path: Path) -> list[Problem]:
