@@ -109,7 +109,7 @@ def _meta_sd(config: Config) -> tuple[dict[str, torch.nn.Module], Callable[[int]
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoConfig, AutoModel
 
-    from lora_scripts.train.image_task import add_image_lora
+    from lora_scripts.export.diffusers_format import add_image_lora
 
     where = f"{config.source}: base_model"
     location = config.base_model_location()
