@@ -47,7 +47,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "attention_head_dim": 4,
             **_SD_BLOCKS,
         },
-        "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "norm_num_groups": 32},
+        "vae": {"block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "norm_num_groups": 32},
         "text": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4},
     },
 }
@@ -242,14 +242,39 @@ def _check_complete(state: dict, converted: dict, what: str) -> None:
 
 
 def _train_merges() -> list[tuple[str, str]]:
-    """Byte-level BPE merges with CLIP's ``</w>`` end-of-word marker, learnt from the built-in corpus."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """Byte-level BPE merges with CLIP's ``</w>`` end-of-word marker, learnt from the built-in corpus.
 
-    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=10_000, end_of_word_suffix="</w>", show_progress=False)
-    tokenizer.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
-    return [(a, b) for a, b in pairs][:TOKENIZER_MERGES]
+    A plain BPE learner (most frequent adjacent pair first, ties broken alphabetically) rather than the
+    ``tokenizers`` trainer, whose tie-breaking is not reproducible from run to run.
+    """
+    import itertools
+    import re
+    from collections import Counter
+
+    words = Counter(re.findall(r"[a-z0-9]+|[^a-z0-9\s]+", _CORPUS.lower()))
+    spelled = {(*word[:-1], word[-1] + "</w>"): count for word, count in words.items()}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < TOKENIZER_MERGES:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, count in spelled.items():
+            for pair in itertools.pairwise(symbols):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        spelled = {_merge(symbols, best): count for symbols, count in spelled.items()}
+    return merges
+
+
+def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if symbols[i : i + 2] == pair:
+            merged.append(pair[0] + pair[1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return tuple(merged)

@@ -136,7 +136,8 @@ def _components(pipe: StableDiffusionPipeline, source: str) -> SDComponents:
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        # SD never clips its predicted latents to [-1, 1]; DDPM's default does unless the config says otherwise.
+        noise_scheduler=DDPMScheduler.from_config({"clip_sample": False, **pipe.scheduler.config}),
         source=source,
     )
 
@@ -149,7 +150,7 @@ def _load_folder(folder: Path, location: str, dtype: torch.dtype) -> StableDiffu
     try:
         return StableDiffusionPipeline.from_pretrained(
             folder,
-            torch_dtype=dtype,
+            dtype=dtype,
             local_files_only=True,
             safety_checker=None,
             feature_extractor=None,
@@ -184,7 +185,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline
                 str(path),
                 config=str(config),
                 local_files_only=True,
-                torch_dtype=dtype,
+                dtype=dtype,
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
