@@ -379,12 +379,13 @@ def report(config: Config, est: Estimate, device: Device) -> tuple[list[str], bo
         f"preflight: {config.source}",
         f"  base model weights   {_size(est.weight_bytes):>12}  "
         f"({est.weight_params / 1e6:.1f}M parameters, {precision})",
-        f"  LoRA + grads + {config.optimizer:<9} {_size(est.lora_bytes):>9}  ({est.lora_params / 1e6:.2f}M parameters)",
+        f"  {'LoRA + grads + ' + config.optimizer:<20} {_size(est.lora_bytes):>12}  "
+        f"({est.lora_params / 1e6:.2f}M parameters)",
         f"  activations          {_size(est.activations(est.batch_size)):>12}  "
         f"(batch_size {est.batch_size}, {shape}, gradient checkpointing {checkpointing})",
     ]
     if est.overhead:
-        lines.append(f"  CUDA context, workspace {_size(est.overhead):>9}")
+        lines.append(f"  {'CUDA context':<20} {_size(est.overhead):>12}")
     total = est.total()
     lines.append(f"  estimated peak       {_size(total):>12}")
     where = "GPU" if device.kind == "cuda" else "RAM"
