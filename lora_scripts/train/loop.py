@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import math
 import os
 import resource
@@ -249,6 +250,7 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
                 else loader
             )
             for batch in batches:
+                set_seed(step_seed(config.seed, accelerator.process_index, epoch, position.batches_in_epoch))
                 with accelerator.accumulate(model):
                     loss = model(batch)
                     if not torch.isfinite(loss.detach()).all():
@@ -326,6 +328,13 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
         write_summary(output_dir / SUMMARY_FILE, summary)
     accelerator.end_training()
     return TrainResult(output_dir, position.step, last_loss, weights, summary)
+
+
+def step_seed(seed: int, process: int, epoch: int, batch: int) -> int:
+    """The seed for one micro-batch: noise, timesteps and dropout depend only on where the loop is,
+    so a resumed run draws exactly what an uninterrupted one would (whatever else consumed RNG)."""
+    digest = hashlib.blake2b(f"{seed}/{process}/{epoch}/{batch}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
 
 
 def _log_eval(task: TrainingTask, run_log: RunLog | None, step: int) -> float | None:
