@@ -17,4 +17,6 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$py" -m pip install --quiet -e ".[dev,optimizers]"
+# The CLIP BPE vocabulary for offline single-file SD checkpoints (read as data; its heavy deps are not needed).
+"$py" -m pip install --quiet --no-deps "open_clip_torch==3.3.0"
 echo "environment ready: $venv ($("$py" -c 'import torch; print("torch", torch.__version__)'))"

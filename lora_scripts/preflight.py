@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_scripts.config import Config, load_config
 from lora_scripts.errors import UserError
+from lora_scripts.train.task import weight_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -67,13 +68,6 @@ class Estimate:
 
 
 # -- model structure on the meta device --------------------------------------------------------------------
-
-
-def weight_dtype(mixed_precision: str) -> torch.dtype:
-    """The dtype training keeps frozen weights in (see train/image_task.py and train/text_task.py)."""
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 def _resolve_folder(location: str, where: str, marker: str) -> Path:

@@ -57,13 +57,16 @@ def _dataset_problems(config: Config, marks: dict[str, tuple[int, int]], path: P
     return [Problem(str(path), line, column, "train_data_dir", message) for message in dataset_errors(config)]
 
 
-def github_annotation(problem: Problem) -> str:
+def github_annotation(problem: Problem, level: str = "error", title: str = "") -> str:
+    """A GitHub Actions workflow command that shows ``problem`` on the pull-request diff."""
+
     def escape(text: str, prop: bool = False) -> str:
         text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
         return text.replace(":", "%3A").replace(",", "%2C") if prop else text
 
     props = f"file={escape(problem.path, True)},line={problem.line},col={problem.column}"
-    return f"::error {props},title={escape('config ' + problem.key, True)}::{escape(problem.message)}"
+    title = title or f"config {problem.key}"
+    return f"::{level} {props},title={escape(title, True)}::{escape(problem.message)}"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO
 
 PACKAGED = "lora_scripts/lora-config.schema.json"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import REPO
 
 GOOD = "train_data_dir: ../data\nbase_model: ../model\noutput_dir: ../output\n"

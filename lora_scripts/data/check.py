@@ -88,7 +88,7 @@ def report(scan: Scan, resolution: int, bucket: bool) -> list[str]:
 
 def _annotation(problem: DataProblem, level: str) -> str:
     located = Problem(str(problem.file), problem.line or 1, 1, "dataset", problem.message)
-    return github_annotation(located).replace("::error ", f"::{level} ", 1)
+    return github_annotation(located, level, "dataset")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from lora_scripts.atomic import atomic_path
 from lora_scripts.config import Config
-from lora_scripts.train.task import RunInfo
+from lora_scripts.train.task import RunInfo, weight_dtype
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -22,11 +22,6 @@ if TYPE_CHECKING:
     from lora_scripts.model.stable_diffusion import SDComponents
 
 SAMPLE_SEED = 1234
-
-
-def weight_dtype(accelerator: Accelerator) -> torch.dtype:
-    """The dtype frozen weights are kept in: half precision under mixed precision, else fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 class DenoisingLoss(torch.nn.Module):
@@ -122,7 +117,7 @@ class ImageTask:
         from lora_scripts.model.stable_diffusion import load_sd_components
 
         config = self.config
-        dtype = weight_dtype(accelerator)
+        dtype = weight_dtype(accelerator.mixed_precision)
         components = load_sd_components(config.base_model_location(), dtype=dtype)
         for module in (components.unet, components.vae, components.text_encoder):
             module.requires_grad_(False)

@@ -34,7 +34,7 @@ class RunLog:
         self._tensorboard = SummaryWriter(str(logging_dir), purge_step=resume_step or None)
 
     def log(self, step: int, epoch: int, loss: float, lr: float, elapsed: float) -> None:
-        self._writer.writerow([step, epoch, f"{loss:.6g}", f"{lr:.6g}", f"{elapsed:.3f}"])
+        self._writer.writerow([step, epoch, f"{loss:.6g}", f"{lr:.6g}", f"{elapsed:.4f}"])
         self._file.flush()
         self._tensorboard.add_scalar("train/loss", loss, step)
         self._tensorboard.add_scalar("train/lr", lr, step)

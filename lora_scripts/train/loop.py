@@ -209,8 +209,8 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
         }
 
-    def info(loss: float | None) -> RunInfo:
-        return RunInfo(step=position.step, epoch=position.epoch, total_steps=total_steps, loss=loss)
+    def info(loss: float | None, final: bool = False) -> RunInfo:
+        return RunInfo(step=position.step, epoch=position.epoch, total_steps=total_steps, loss=loss, final=final)
 
     def checkpoint(loss: float | None) -> Path | None:
         accelerator.wait_for_everyone()
@@ -278,7 +278,7 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
                 if run_log is not None:
                     run_log.log(position.step, epoch + 1, last_loss, lr, time.perf_counter() - started)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, refresh=False)
                 if config.sample_every_n_steps and position.step % config.sample_every_n_steps == 0 and main_process:
                     task.sample(samples_dir, position.step)
                     _log_eval(task, run_log, position.step)
@@ -304,8 +304,9 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
     summary: dict[str, Any] = {}
     if main_process:
         assert run_log is not None
-        weights = _guard_disk(lambda: task.save_weights(output_dir, info(last_loss)), output_dir)
-        if config.validation_prompts:
+        weights = _guard_disk(lambda: task.save_weights(output_dir, info(last_loss, final=True)), output_dir)
+        sampled_last_step = bool(config.sample_every_n_steps) and position.step % config.sample_every_n_steps == 0
+        if config.validation_prompts and not sampled_last_step:
             task.sample(samples_dir, position.step)
         eval_loss = _log_eval(task, run_log, position.step)
         run_log.close()

@@ -26,7 +26,16 @@ class RunInfo:
     epoch: int
     total_steps: int
     loss: float | None = None
+    final: bool = False  # the end-of-run save into output_dir (not a checkpoint)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen base weights are kept in: half precision under mixed precision, else fp32.
+    LoRA weights always train in fp32."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 class TrainingTask(Protocol):

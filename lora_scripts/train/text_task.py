@@ -20,8 +20,7 @@ from lora_scripts.atomic import atomic_path, write_text
 from lora_scripts.config import Config
 from lora_scripts.data.text import IGNORE_INDEX, Example, Record, build_examples, collate, read_records, split_records
 from lora_scripts.errors import UserError
-from lora_scripts.train.image_task import weight_dtype
-from lora_scripts.train.task import RunInfo
+from lora_scripts.train.task import RunInfo, weight_dtype
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -98,7 +97,7 @@ class TextTask:
         if self.eval_records:
             self.eval_examples = build_examples(self.eval_records, self.tokenizer, config.max_seq_length, False)
 
-        base = load_causal_lm(self.base_folder, self._where("base_model"), weight_dtype(accelerator))
+        base = load_causal_lm(self.base_folder, self._where("base_model"), weight_dtype(accelerator.mixed_precision))
         if config.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
@@ -181,8 +180,7 @@ class TextTask:
                 with atomic_path(out_dir / name) as tmp:
                     os.replace(Path(staging) / name, tmp)
                 written.append(out_dir / name)
-        output_dir = self.config.path("output_dir")
-        if self.config.merge and output_dir is not None and out_dir.resolve() == output_dir.resolve():
+        if self.config.merge and info.final:
             written.append(self._save_merged(out_dir))
         return written
 
