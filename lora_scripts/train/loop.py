@@ -128,7 +128,9 @@ def make_accelerator(config: Config) -> Any:
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError(f"{config.source}: mixed_precision: fp16 needs a CUDA GPU; use 'no' (or 'bf16') on CPU")
     return Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=not torch.cuda.is_available(),  # several CPU processes (accelerate launch) then use gloo
     )
 
 
@@ -273,6 +275,8 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
                 scheduler.step()
                 position.step += 1
                 last_loss = sum(step_losses) / len(step_losses)
+                if accelerator.num_processes > 1:  # log the mean over all processes
+                    last_loss = accelerator.reduce(torch.tensor(last_loss, device=accelerator.device), "mean").item()
                 step_losses.clear()
                 lr = scheduler.get_last_lr()[0]
                 if run_log is not None:

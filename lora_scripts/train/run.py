@@ -14,6 +14,8 @@ def main(args: argparse.Namespace) -> int:
     from lora_scripts.train.loop import train
 
     result = train(config)
+    if not result.summary:  # not the main process of a multi-process run: it writes and reports nothing
+        return 0
     print(
         f"done: {result.steps} steps, final loss {result.final_loss:.4f}" if result.final_loss is not None else "done"
     )
