@@ -161,3 +161,12 @@ def test_output_dir_without_weights_names_the_config(config: Path) -> None:
     result = _publish(config, "http://127.0.0.1:9", TOKEN, "--dry-run")
     assert result.returncode == 1
     assert "style.yaml: output_dir: no weight files" in result.stderr
+
+
+def test_unreachable_hub_is_a_clear_error(config: Path) -> None:
+    with HubStandIn(TOKEN) as hub:
+        url = hub.url  # the stand-in is stopped when the block ends: nothing listens there any more
+    result = _publish(config, url, TOKEN)
+    assert result.returncode == 1
+    assert "cannot reach the Hub" in result.stderr and "Traceback" not in result.stderr
+    _no_token_anywhere(result, config.parent)

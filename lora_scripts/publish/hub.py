@@ -132,6 +132,8 @@ def publish(config: Config, version: str = "", dry_run: bool = False) -> int:
         oid, committed, tagged = _commit_and_tag(api, config, uploads, version)
     except HfHubHTTPError as err:
         raise _hub_error(err, repo_id, token) from None
+    except (OSError, _transport_error()) as err:  # connection refused, DNS failure, timeout
+        raise UserError(f"cannot reach the Hub at {endpoint} to publish {repo_id}: {type(err).__name__}") from None
     print(
         f"{'committed' if committed else 'unchanged, no new commit:'} {len(uploads)} files to "
         f"{endpoint}/{repo_id} at {oid[:12]}"
@@ -139,6 +141,15 @@ def publish(config: Config, version: str = "", dry_run: bool = False) -> int:
     if version:
         print(f"tag {version}: {'created' if tagged else 'already there'}")
     return 0
+
+
+def _transport_error() -> type[Exception]:
+    """The HTTP client's network-failure base class (huggingface_hub 2 uses httpx2, older ones httpx)."""
+    try:
+        from httpx2 import TransportError
+    except ImportError:
+        from httpx import TransportError
+    return TransportError
 
 
 def main(args: argparse.Namespace) -> int:
