@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_scripts.atomic import atomic_path
-from lora_scripts.model.stable_diffusion import EMBEDDED_CONFIG_KEY, write_clip_tokenizer
+from lora_scripts.model.stable_diffusion import EMBEDDED_CONFIG_KEY, NO_SAFETY_CHECKER, write_clip_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -109,9 +109,7 @@ def build_mock_sd(out: Path, size: str = "tiny") -> list[Path]:
             tokenizer=tokenizer,
             unet=unet,
             scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **NO_SAFETY_CHECKER,
         )
         pipe.save_pretrained(tmp)
         configs = {

@@ -51,6 +51,9 @@ CLIP_MERGES = 49152 - 256 - 2  # the merges CLIP uses from its BPE list
 START, END = "<|startoftext|>", "<|endoftext|>"
 _MAX_HEADER = 100 * 1024 * 1024
 
+# Training and sampling pipelines carry no safety checker (it would need weights we do not train or ship).
+NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
 
 @dataclass
 class SDComponents:
@@ -91,9 +94,7 @@ def build_pipeline(components: SDComponents) -> StableDiffusionPipeline:
         tokenizer=components.tokenizer,
         unet=components.unet,
         scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **NO_SAFETY_CHECKER,
     )
 
 
@@ -152,9 +153,7 @@ def _load_folder(folder: Path, location: str, dtype: torch.dtype) -> StableDiffu
             folder,
             dtype=dtype,
             local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **NO_SAFETY_CHECKER,
         )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"base_model: cannot load {location}: {_first_line(err)}") from None
@@ -186,9 +185,7 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline
                 config=str(config),
                 local_files_only=True,
                 dtype=dtype,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
+                **NO_SAFETY_CHECKER,
             )
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
             raise UserError(f"base_model: cannot load {path}: {_first_line(err)}") from None
