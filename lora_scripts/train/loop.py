@@ -11,6 +11,7 @@ import errno
 import hashlib
 import math
 import os
+import random
 import resource
 import shutil
 import signal
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lora_scripts.config import Config
@@ -252,7 +254,7 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
                 else loader
             )
             for batch in batches:
-                set_seed(step_seed(config.seed, accelerator.process_index, epoch, position.batches_in_epoch))
+                seed_everything(step_seed(config.seed, accelerator.process_index, epoch, position.batches_in_epoch))
                 with accelerator.accumulate(model):
                     loss = model(batch)
                     if not torch.isfinite(loss.detach()).all():
@@ -340,6 +342,13 @@ def step_seed(seed: int, process: int, epoch: int, batch: int) -> int:
     so a resumed run draws exactly what an uninterrupted one would (whatever else consumed RNG)."""
     digest = hashlib.blake2b(f"{seed}/{process}/{epoch}/{batch}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA); cheaper per step than accelerate's set_seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def _log_eval(task: TrainingTask, run_log: RunLog | None, step: int) -> float | None:
