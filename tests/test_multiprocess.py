@@ -8,15 +8,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from conftest import REPO
 
 
-def test_two_processes_train_and_only_main_writes(image_config: Callable[..., Path], mock_sd: Path) -> None:
+def test_two_processes_train_and_only_main_writes(image_config: Callable[..., Path]) -> None:
     from lora_scripts.config import load_config
-    from lora_scripts.model.stable_diffusion import build_pipeline, load_sd_components
+    from lora_scripts.smoke import check_image_result
 
     path = image_config("ddp", max_train_steps=2, save_steps=1)
     launch = [
@@ -49,24 +46,4 @@ def test_two_processes_train_and_only_main_writes(image_config: Callable[..., Pa
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]  # one writer: no duplicated rows
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
-    pipe = build_pipeline(load_sd_components(str(mock_sd)))
-    pipe.set_progress_bar_config(disable=True)
-    before = pipe(
-        "a red circle",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    pipe.load_lora_weights(str(out))
-    after = pipe(
-        "a red circle",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    assert (after - before).abs().max() > 1e-6
-    assert load_file(str(out / "lora_weights.safetensors"))
+    assert check_image_result(load_config(path)) == []  # the weights load, change the output, keys map

@@ -89,12 +89,7 @@ def test_sigkill_then_resume_matches_uninterrupted(image_config: Callable[..., P
 
     path = image_config("killed", **common)
     out = load_config(path).path("output_dir")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_scripts", "train", "--config", str(path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_training(path, subprocess.DEVNULL)
     kill_at = 3 + int.from_bytes(os.urandom(1), "big") % 3  # a step from 3 to 5
     _wait_for_step(out, kill_at, proc)
     proc.kill()
@@ -110,13 +105,7 @@ def test_sigkill_then_resume_matches_uninterrupted(image_config: Callable[..., P
 def test_sigterm_writes_resumable_checkpoint(image_config: Callable[..., Path]) -> None:
     path = image_config("term", max_train_steps=200)
     out = load_config(path).path("output_dir")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_scripts", "train", "--config", str(path)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_training(path, subprocess.PIPE)
     _wait_for_step(out, 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -131,6 +120,12 @@ def test_sigterm_writes_resumable_checkpoint(image_config: Callable[..., Path]) 
     resumed = load_config(path).replace(resume_from="latest", max_train_steps=stopped_at + 2)
     result = train(resumed, progress=False)
     assert result.steps == stopped_at + 2
+
+
+def start_training(path: Path, output: int) -> subprocess.Popen:
+    """`lora-scripts train --config PATH` in the background, to be interrupted by a test."""
+    cmd = [sys.executable, "-m", "lora_scripts", "train", "--config", str(path)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=output, stderr=output, text=True)
 
 
 def _wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen) -> None:
