@@ -251,3 +251,84 @@ def test_each_optimizer_changes_the_weights(image_config: Callable[..., Path], o
     assert any(
         t.abs().sum() > 0 for k, t in weights(config.path("output_dir")).items() if "lora.up" in k or "lora_B" in k
     )
+
+
+def test_second_signal_exits_at_once_leaving_only_complete_checkpoints(image_config: Callable[..., Path]) -> None:
+    path = image_config("twice", max_train_steps=500, save_steps=1, keep_checkpoints=3)
+    out = load_config(path).path("output_dir")
+    proc = start_training(path, subprocess.PIPE)
+    _wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in stderr
+    folders = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))
+    assert folders == list_checkpoints(out)  # nothing half-written under a checkpoint name
+    resumed = train(load_config(path).replace(resume_from="latest", max_train_steps=len(losses(out)) + 1))
+    assert resumed.steps == len(losses(out))
+
+
+def test_cached_latents_and_captions_are_encoded_once(
+    image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    calls = {"vae": 0, "text": 0}
+    vae_encode, text_forward = AutoencoderKL.encode, CLIPTextModel.forward
+
+    def counting_encode(self, *args, **kwargs):
+        calls["vae"] += 1
+        return vae_encode(self, *args, **kwargs)
+
+    def counting_forward(self, *args, **kwargs):
+        calls["text"] += 1
+        return text_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    monkeypatch.setattr(CLIPTextModel, "forward", counting_forward)
+    train(load_config(image_config("cached", max_train_steps=8)), progress=False)
+    assert calls == {"vae": 4, "text": 4}  # 4 images with 4 distinct captions, 8 steps
+
+    calls.update(vae=0, text=0)
+    train(load_config(image_config("uncached", max_train_steps=8, cache_latents=False)), progress=False)
+    assert calls["vae"] == 8 and calls["text"] == 8
+
+
+def test_too_little_disk_space_fails_before_training(
+    image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024 * 1024))
+    config = load_config(image_config("full"))
+    with pytest.raises(UserError, match=r"output_dir: .* has 1 MiB free; this run needs about"):
+        train(config, progress=False)
+    assert not (config.path("output_dir") / "logs").exists()
+
+
+def test_disk_full_during_a_save_is_a_clean_failure(
+    image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from lora_scripts.train import checkpoint
+
+    config = load_config(image_config("enospc", save_steps=1, max_train_steps=4))
+    real_save = checkpoint.save_file
+    saves = {"n": 0}
+
+    def failing_save(*args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(
+        TrainingStopped, match=r"No space left on device; the last complete checkpoint is .*checkpoint-1"
+    ):
+        train(config, progress=False)
+    out = config.path("output_dir")
+    assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == ["checkpoint-1"]
