@@ -70,9 +70,13 @@ def run_section(output_dir: Path, artifact_url: str = "") -> str:
             f"  line [{losses}]",
             "```",
         ]
+    where = f"[the artifact]({artifact_url})" if artifact_url else "the artifacts"
     if (output_dir / "loss.png").is_file():
-        where = f"[the artifact]({artifact_url})" if artifact_url else "the artifacts"
         lines += ["", f"Loss plot: `loss.png` in {where}."]
+    samples = sorted(p.name for p in (output_dir / "samples").glob("*") if p.suffix in (".png", ".txt"))
+    if samples:
+        shown = ", ".join(f"`{name}`" for name in samples[-4:])
+        lines += ["", f"Samples ({len(samples)} in `samples/`, in {where}): {shown}."]
     return "\n".join([*lines, ""])
 
 

@@ -162,6 +162,8 @@ def test_job_summary_shows_loss_per_run(tmp_path: Path) -> None:
     rows = "".join(f"{s},0,{1 / s:.4f},0.0001,{s * 0.1:.1f}\n" for s in range(1, 31))
     (out / "logs" / "loss.csv").write_text("step,epoch,loss,lr,elapsed\n" + rows)
     (out / "training_summary.json").write_text(json.dumps({"final_loss": 1 / 30, "steps": 30, "wall_time_s": 3.0}))
+    (out / "samples").mkdir()
+    (out / "samples" / "step-000030-00.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     summary = tmp_path / "summary.md"
     env = {**os.environ, "GITHUB_STEP_SUMMARY": str(summary)}
     cmd = [sys.executable, str(ROOT / "ci" / "job_summary.py"), "--plot", "--artifact-url", "https://x/a/1", str(out)]
@@ -171,6 +173,7 @@ def test_job_summary_shows_loss_per_run(tmp_path: Path) -> None:
     assert "| 30 | 0 | 0.0333 |" in text  # the last step is always in the table
     assert text.count("\n| ") - 2 <= 10 + 2 + 5  # table stays short for 30 steps
     assert "xychart-beta" in text and "[the artifact](https://x/a/1)" in text
+    assert "Samples (1 in `samples/`" in text and "`step-000030-00.png`" in text
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
