@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from lora_scripts.cli import main as cli
 from lora_scripts.data.text import (
     IGNORE_INDEX,
+    Example,
     build_examples,
     collate,
     read_records,
@@ -167,6 +169,10 @@ def test_packing_joins_whole_examples_up_to_the_limit(tmp_path, tokenizer):
     assert all(len(e.input_ids) <= 48 for e in packed)
     assert [t for e in packed for t in e.input_ids] == [t for e in single for t in e.input_ids]
     assert [t for e in packed for t in e.labels] == [t for e in single for t in e.labels]
+    # starts mark where each joined example begins
+    segments = [e.input_ids[a:b] for e in packed for a, b in itertools.pairwise((*e.starts, len(e.input_ids)))]
+    assert segments == [e.input_ids for e in single]
+    assert all(e.labels[start] == IGNORE_INDEX for e in packed for start in e.starts)
 
 
 def test_validation_split_is_deterministic_and_disjoint(tmp_path):
@@ -191,6 +197,16 @@ def test_collate_pads_with_masked_labels(tmp_path, tokenizer):
     assert batch["attention_mask"][0].sum() == short
     assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][0, short:] == tokenizer.pad_token_id).all()
+
+
+def test_collate_restarts_positions_at_each_packed_example(tokenizer):
+    packed = Example([5, 6, 7, 8, 9], [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9], starts=(0, 3))
+    alone = Example([5, 6], [IGNORE_INDEX, 6])
+    batch = collate([packed, alone], tokenizer.pad_token_id)
+    assert "attention_mask" not in batch  # transformers derives the per-example mask from the positions
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    assert "position_ids" not in collate([alone, alone], tokenizer.pad_token_id)
 
 
 def test_dummy_data_cli_writes_each_format(tmp_path, capsys):

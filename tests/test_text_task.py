@@ -4,7 +4,9 @@ init_lora_weights, merge, samples, eval loss, and training (with resume) through
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import types
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_scripts.cli import main as cli
 from lora_scripts.config import Config
-from lora_scripts.data.text import write_dummy_text
+from lora_scripts.data.text import IGNORE_INDEX, Example, write_dummy_text
 from lora_scripts.errors import UserError
 from lora_scripts.model.mock_lm import build_mock_causal_lm
 from lora_scripts.train.task import RunInfo
@@ -222,6 +224,29 @@ def test_merge_writes_a_full_model_equal_to_base_plus_adapter(trained, mock_lm):
     task.model.train()
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_examples_in_a_batch_see_only_themselves(mock_lm, data_dir, tmp_path, packing):
+    """Packed neighbours and padding change no example's logits or loss: each equals the example run alone."""
+    task = build_task(make_config(tmp_path, mock_lm, data_dir, max_seq_length=128, packing=packing))
+    rows = sorted((row for row in task.dataset() if len(row.starts) > 1 or not packing), key=lambda r: len(r.input_ids))
+    rows = [rows[0], rows[-1]]
+    assert len(rows[0].input_ids) < len(rows[1].input_ids)  # the shorter row is padded
+    batch = task.collate(rows)
+    task.model.eval()
+    with torch.no_grad():
+        logits = task.model.outputs(batch).logits
+        together = task.model(batch)
+        total, tokens = 0.0, 0
+        for index, row in enumerate(rows):
+            for start, end in itertools.pairwise((*row.starts, len(row.input_ids))):
+                alone = task.collate([Example(row.input_ids[start:end], row.labels[start:end])])
+                torch.testing.assert_close(logits[index, start:end], task.model.outputs(alone).logits[0])
+                count = int((alone["labels"][:, 1:] != IGNORE_INDEX).sum())
+                total += float(task.model(alone)) * count
+                tokens += count
+    torch.testing.assert_close(float(together), total / tokens)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(mock_lm, data_dir, tmp_path):
     def grads(task: TextTask) -> list[torch.Tensor]:
         task.model.train()
@@ -287,3 +312,24 @@ def test_train_command_and_exact_resume_in_text_mode(mock_lm, data_dir, tmp_path
     resumed = load_file(tmp_path / "split" / "adapter_model.safetensors")
     assert resumed.keys() == final.keys()
     assert all(torch.equal(resumed[key], final[key]) for key in final)
+
+
+def test_train_command_with_packing(mock_lm, data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    values = {
+        "mode": "text",
+        "base_model": str(mock_lm),
+        "train_data_dir": str(data_dir),
+        "output_dir": "out",
+        "max_seq_length": 96,
+        "packing": True,
+        "batch_size": 2,
+        "max_train_steps": 2,
+        "learning_rate": 0.01,
+    }
+    assert cli(["train", "--config", str(write_yaml(tmp_path / "packed.yaml", values))]) == 0
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(mock_lm), tmp_path / "out")

@@ -49,10 +49,11 @@ class Record:
 
 @dataclass(frozen=True)
 class Example:
-    """Token ids and their labels (-100 where no loss is taken)."""
+    """Token ids and their labels (-100 where no loss is taken); ``starts``: where each packed example begins."""
 
     input_ids: list[int]
     labels: list[int]
+    starts: tuple[int, ...] = (0,)
 
 
 def data_files(root: Path) -> list[Path]:
@@ -233,18 +234,24 @@ def build_examples(
 
 
 def pack(examples: Sequence[Example], max_seq_length: int) -> list[Example]:
-    """Join consecutive examples into sequences of at most ``max_seq_length`` tokens, none split."""
+    """Join consecutive examples into sequences of at most ``max_seq_length`` tokens, none split.
+
+    Each packed example's first label is -100 (see :func:`tokenize`), so no loss crosses a boundary;
+    ``starts`` lets :func:`collate` keep the examples from attending to each other.
+    """
     packed: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
+    starts: list[int] = []
     for example in examples:
         if ids and len(ids) + len(example.input_ids) > max_seq_length:
-            packed.append(Example(ids, labels))
-            ids, labels = [], []
+            packed.append(Example(ids, labels, tuple(starts)))
+            ids, labels, starts = [], [], []
+        starts.append(len(ids))
         ids = ids + example.input_ids
         labels = labels + example.labels
     if ids:
-        packed.append(Example(ids, labels))
+        packed.append(Example(ids, labels, tuple(starts)))
     return packed
 
 
@@ -266,25 +273,37 @@ def split_records(records: Sequence[Record], fraction: float, seed: int) -> tupl
 
 
 def collate(items: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: ``input_ids``, ``attention_mask`` (0 on padding) and ``labels`` (-100 on padding)."""
+    """Right-pad a batch: ``input_ids``, ``labels`` (-100 on padding) and how attention is limited.
+
+    Without packed rows: ``attention_mask`` (0 on padding). With packed rows: ``position_ids`` that restart
+    at 0 where each example (and the padding) begins, and no ``attention_mask``; transformers then attends
+    within each example only (block-diagonal causal mask for SDPA and eager attention), as long as the
+    model is called without a KV cache. Right padding needs no mask there: causal attention never lets a
+    real token see a later position.
+    """
     import numpy as np
     import torch
 
-    width = max(len(item.input_ids) for item in items)
+    lengths = np.array([len(item.input_ids) for item in items])
+    width = int(lengths.max())
     # Filled in numpy, handed to torch without a copy: per-row torch indexing costs more than a tiny model's step.
     input_ids = np.full((len(items), width), pad_token_id, dtype=np.int64)
     labels = np.full((len(items), width), IGNORE_INDEX, dtype=np.int64)
-    attention_mask = np.zeros((len(items), width), dtype=np.int64)
     for row, item in enumerate(items):
-        length = len(item.input_ids)
-        input_ids[row, :length] = item.input_ids
-        labels[row, :length] = item.labels
-        attention_mask[row, :length] = 1
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "labels": torch.from_numpy(labels),
-    }
+        input_ids[row, : lengths[row]] = item.input_ids
+        labels[row, : lengths[row]] = item.labels
+    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+    columns = np.arange(width)
+    if any(len(item.starts) > 1 for item in items):
+        # Where the segment of each position (a packed example, or the padding) begins; positions count from there.
+        segment_start = np.zeros((len(items), width), dtype=np.int64)
+        for row, item in enumerate(items):
+            segment_start[row, list(item.starts)] = item.starts
+            segment_start[row, lengths[row] :] = lengths[row]
+        batch["position_ids"] = torch.from_numpy(columns - np.maximum.accumulate(segment_start, axis=1))
+    else:
+        batch["attention_mask"] = torch.from_numpy((columns < lengths[:, None]).astype(np.int64))
+    return batch
 
 
 _SUBJECTS = ["cat", "river", "robot", "garden", "violin", "mountain", "lantern", "teacher"]

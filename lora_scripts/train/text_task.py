@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 MERGED_DIR = "merged"
@@ -39,8 +40,16 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.peft_model = peft_model
 
+    def outputs(self, batch: dict[str, torch.Tensor]) -> CausalLMOutputWithPast:
+        """The model's logits and loss for a collated batch.
+
+        No KV cache: training needs none, and transformers only turns the restarting ``position_ids`` of
+        packed batches into a per-example attention mask when no cache is passed.
+        """
+        return self.peft_model(**batch, use_cache=False)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.peft_model(**batch).loss
+        return self.outputs(batch).loss
 
 
 class TextTask:
@@ -248,7 +257,7 @@ class TextTask:
                 batch = self.collate(self.eval_examples[start : start + size])
                 batch = {key: value.to(self.peft_model.device) for key, value in batch.items()}
                 count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                total += float(self.peft_model(**batch).loss) * count
+                total += float(self.model(batch)) * count
                 tokens += count
         return total / tokens
 
