@@ -70,10 +70,20 @@ class Estimate:
 # -- model structure on the meta device --------------------------------------------------------------------
 
 
-def _resolve_folder(location: str, where: str, marker: str) -> Path:
-    """A local folder, or the cached snapshot of a Hub id; must contain ``marker``."""
-    path = Path(location)
-    if not path.exists() and not location.startswith((".", "/", "~")):
+@contextlib.contextmanager
+def _sd_config_folder(location: str, where: str) -> Iterator[Path]:
+    """The diffusers config folder of a Stable Diffusion base model: a local folder, the cached snapshot of a
+    Hub id, or for a single ``.safetensors`` file the configs the loader would use (its header read only)."""
+    from lora_scripts.model.stable_diffusion import single_file_config
+
+    path = Path(location).expanduser()
+    if path.is_file():
+        with single_file_config(path) as folder:
+            yield folder
+        return
+    if not path.exists():
+        if location.startswith((".", "/", "~")) or path.suffix.lower() in (".safetensors", ".ckpt"):
+            raise UserError(f"{where}: not found: {location}")
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
@@ -84,9 +94,9 @@ def _resolve_folder(location: str, where: str, marker: str) -> Path:
                 f"{where}: '{location}' is not a folder and not in the local Hugging Face cache; "
                 f"download it first ('hf download {location}')"
             ) from None
-    if not (path / marker).is_file():
-        raise UserError(f"{where}: {path} has no {marker}")
-    return path
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{where}: {path} has no model_index.json (expected a diffusers folder or a .safetensors file)")
+    yield path
 
 
 def _mark_lora_fp32(*modules: torch.nn.Module) -> None:
@@ -106,21 +116,17 @@ def _meta_sd(config: Config) -> tuple[dict[str, torch.nn.Module], Callable[[int]
     from lora_scripts.export.diffusers_format import add_image_lora
 
     where = f"{config.source}: base_model"
-    location = config.base_model_location()
-    if location.endswith((".safetensors", ".ckpt")):
-        raise UserError(
-            f"{where}: preflight needs a diffusers folder to build the model; single-file checkpoints are not "
-            "supported yet (convert it with diffusers' from_single_file + save_pretrained)"
-        )
-    folder = _resolve_folder(location, where, "model_index.json")
     dtype = weight_dtype(config.mixed_precision)
-    try:
-        with init_empty_weights():
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
-            text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(folder / "text_encoder"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{where}: cannot read the model configs in {folder}: {str(err).splitlines()[0]}") from None
+    with _sd_config_folder(config.base_model_location(), where) as folder:
+        try:
+            with init_empty_weights():
+                unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+                text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(folder / "text_encoder"))
+        except (OSError, ValueError) as err:
+            raise UserError(
+                f"{where}: cannot read the model configs of {config.base_model_location()}: {str(err).splitlines()[0]}"
+            ) from None
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     for module in modules.values():
         module.requires_grad_(False)

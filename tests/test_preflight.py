@@ -181,3 +181,43 @@ def test_measure_runs_real_steps_and_prints_an_eta(lm_folder: Path, tmp_path: Pa
     records = len(read_records(tmp_path / "data"))  # batch_size 1, one epoch: one step per record
     assert "measured over 2 step(s) on cpu" in out and f"for {records} steps" in out and "CPU run" in out
     assert not (tmp_path / "out").exists()  # the trial run writes into a scratch folder only
+
+
+def test_single_file_estimate_equals_the_folder_estimate(mock_sd: Path) -> None:
+    single = mock_sd / "mock-sd.safetensors"
+    values = {"resolution": 64, "batch_size": 2, "train_text_encoder": True}
+    from_file = preflight.estimate(config_for(single, **values), on_gpu=False)
+    from_folder = preflight.estimate(config_for(mock_sd, **values), on_gpu=False)
+    assert from_file == from_folder
+    assert from_file.weight_params > 0 and from_file.lora_params > 0
+
+
+def sd1_header_only(path: Path) -> Path:
+    """A .safetensors file with only the tensor the loader tells SD 1.x by (cross-attention width 768)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_scripts.model.stable_diffusion import CONTEXT_KEY
+
+    save_file({CONTEXT_KEY: torch.zeros(320, 768, dtype=torch.float16)}, str(path))
+    return path
+
+
+def test_real_size_sd1_single_file_from_shipped_configs(tmp_path: Path) -> None:
+    config = config_for(sd1_header_only(tmp_path / "sd15.safetensors"), resolution=512, mixed_precision="fp16")
+    est = preflight.estimate(config, on_gpu=True)
+    # SD 1.5: UNet 860M + VAE 84M + CLIP ViT-L text encoder 123M parameters, stored at 2 bytes each.
+    assert 1.0e9 < est.weight_params < 1.1e9, est.weight_params
+    assert est.weight_bytes == 2 * est.weight_params
+    # rank 8 (the default) on the UNet's attention projections (q, k, v, out of 32 attention layers): ~1.6M.
+    assert 1.5e6 < est.lora_params < 1.7e6, est.lora_params
+    # Batch 1 at 512 px in fp16 without checkpointing is known to fit in 8 GB GPUs with room to spare.
+    assert 2 * 2**30 < est.total(1) < 8 * 2**30, est.total(1)
+
+
+def test_missing_single_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train_data_dir: data\nbase_model: models/missing.safetensors\noutput_dir: out\n")
+    assert cli(["preflight", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "not found" in err and "models/missing.safetensors" in err and "hf download" not in err

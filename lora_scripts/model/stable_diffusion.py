@@ -177,8 +177,7 @@ def _cached_hub_folder(repo_id: str) -> Path:
 def _load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     from diffusers import StableDiffusionPipeline
 
-    shapes, embedded = _read_header(path)
-    with _single_file_config(path, shapes, embedded) as config:
+    with single_file_config(path) as config:
         try:
             return StableDiffusionPipeline.from_single_file(
                 str(path),
@@ -222,8 +221,10 @@ def _read_header(path: Path) -> tuple[dict[str, list[int]], str | None]:
 
 
 @contextlib.contextmanager
-def _single_file_config(path: Path, shapes: dict[str, list[int]], embedded: str | None) -> Iterator[Path]:
-    """A temporary diffusers config folder (no weights) for the checkpoint at ``path``."""
+def single_file_config(path: Path) -> Iterator[Path]:
+    """A temporary diffusers config folder (configs and tokenizer, no weights) for the single-file checkpoint
+    at ``path``: its embedded configs, or the shipped ones of its family. Reads the file's header only."""
+    shapes, embedded = _read_header(path)
     with tempfile.TemporaryDirectory(prefix="lora-scripts-sd-config-") as tmp:
         folder = Path(tmp)
         if embedded is not None:
