@@ -14,7 +14,7 @@ import math
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,8 @@ from lora_scripts.train.task import weight_dtype
 
 if TYPE_CHECKING:
     import torch
+
+    from lora_scripts.data.text import Record
 
 MIB = 2**20
 GIB = 2**30
@@ -422,16 +424,26 @@ def _suggestions(config: Config, est: Estimate, free: int) -> list[str]:
 
 
 def total_steps(config: Config) -> int:
-    """Optimizer steps of the whole run, as the training loop counts them (text: before packing)."""
+    """Optimizer steps of the whole run (one process), as the training loop counts them."""
     if config.max_train_steps:
         return config.max_train_steps
     from lora_scripts.train.loop import GroupedBatchSampler, make_task
 
     task = make_task(config)
     task.check_data()
-    groups = [list(range(len(task.train_records)))] if config.mode == "text" else task.groups()
+    groups = [list(range(_text_example_count(config, task.train_records)))] if config.mode == "text" else task.groups()
     batches = len(GroupedBatchSampler(groups, config.batch_size, config.seed))
     return config.epochs * max(1, math.ceil(batches / config.gradient_accumulation_steps))
+
+
+def _text_example_count(config: Config, records: Sequence[Record]) -> int:
+    """Training sequences of a text run: records tokenized, truncated and packed as training does (no model loaded)."""
+    from lora_scripts.data.text import build_examples
+    from lora_scripts.model.causal_lm import load_tokenizer, resolve_base_model
+
+    where = f"{config.source}: base_model"
+    tokenizer = load_tokenizer(resolve_base_model(config.base_model_location(), where), where)
+    return len(build_examples(records, tokenizer, config.max_seq_length, config.packing))
 
 
 def measure(config: Config, steps: int) -> dict[str, Any]:

@@ -221,3 +221,15 @@ def test_missing_single_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli(["preflight", "--config", str(path)]) == 1
     err = capsys.readouterr().err
     assert "not found" in err and "models/missing.safetensors" in err and "hf download" not in err
+
+
+def test_text_eta_counts_packed_sequences_as_training_does(lm_folder: Path, tmp_path: Path) -> None:
+    from lora_scripts.data.text import read_records, write_dummy_text
+    from lora_scripts.train.loop import train
+
+    write_dummy_text(tmp_path / "data", count=8)
+    values = {"mode": "text", "max_seq_length": 64, "packing": True, "batch_size": 2, "output_dir": str(tmp_path / "o")}
+    config = Config({**values, "train_data_dir": "data", "base_model": str(lm_folder)}, tmp_path / "c.yaml")
+    steps = preflight.total_steps(config)
+    assert steps < len(read_records(tmp_path / "data")) / 2  # packing joins the short records
+    assert train(config).steps == steps
