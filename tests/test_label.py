@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import string
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from lora_scripts.cli import main as cli
+from lora_scripts.data.images import open_rgb, scan_dataset
 
 LABELS = ["a painting", "a photo", "cyberpunk style", "ancient ink drawing", "a sketch"]
 
@@ -62,15 +64,23 @@ def make_images(folder: Path, count: int = 6) -> list[str]:
     return names
 
 
-def expected_top(clip_dir: Path, folder: Path, names: list[str], labels: list[str], k: int) -> dict[str, list[str]]:
-    """Top-k labels per image from the model's own image-text logits, one image at a time."""
+def expected_top(
+    clip_dir: Path,
+    folder: Path,
+    names: list[str],
+    labels: list[str],
+    k: int,
+    read: Callable[[Path], Image.Image] = open_rgb,
+) -> dict[str, list[str]]:
+    """Top-k labels per image from the model's own image-text logits, one image at a time, the image read
+    by ``read`` (by default as training reads it)."""
     from transformers import CLIPModel, CLIPProcessor
 
     model = CLIPModel.from_pretrained(clip_dir).eval()
     processor = CLIPProcessor.from_pretrained(clip_dir)
     result = {}
     for name in names:
-        image = Image.open(folder / name).convert("RGB")
+        image = read(folder / name)
         inputs = processor(text=labels, images=[image], return_tensors="pt", padding=True)
         with torch.no_grad():
             logits = model(**inputs).logits_per_image[0]
@@ -134,7 +144,8 @@ def test_merge_keeps_existing_captions_and_overwrite_replaces(clip_dir: Path, tm
         ("images", ["@blank_file"], "no labels"),
         ("images", ["@dup_file"], "line 3: label 'a photo' repeats line 1"),
         ("images", ["a", "b", "--top-k", "3"], "--top-k"),
-        ("bad_csv", LABELS, "line 2: expected 2 columns"),
+        ("bad_csv", LABELS, "metadata.csv line 2: expected file_name,prompt, got 1 field"),
+        ("missing_image", LABELS, "metadata.csv line 2: gone.png: image file not found"),
         ("corrupt", LABELS, "cannot read image"),
     ],
 )
@@ -146,7 +157,9 @@ def test_bad_input_is_a_one_line_error(
     if setup != "empty":
         make_images(folder, count=2)
     if setup == "bad_csv":
-        (folder / "metadata.csv").write_text("file_name,prompt\nimg0.png,a,b\n", encoding="utf-8")
+        (folder / "metadata.csv").write_text("file_name,prompt\nimg0.png\n", encoding="utf-8")
+    if setup == "missing_image":
+        (folder / "metadata.csv").write_text("file_name,prompt\ngone.png,a cat\n", encoding="utf-8")
     if setup == "corrupt":
         (folder / "broken.png").write_bytes(b"not a png")
     files = {
@@ -160,7 +173,7 @@ def test_bad_input_is_a_one_line_error(
     assert cli(["label", str(folder), "--labels", *labels, "--model", str(clip_dir)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
-    assert not (folder / "metadata.csv").exists() or setup == "bad_csv"
+    assert not (folder / "metadata.csv").exists() or setup in ("bad_csv", "missing_image")
 
 
 def test_model_missing_from_cache_says_what_to_download(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -169,3 +182,51 @@ def test_model_missing_from_cache_says_what_to_download(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert "someone/not-cached-clip" in err and "hf download someone/not-cached-clip" in err
     assert not (tmp_path / "data" / "metadata.csv").exists()
+
+
+def test_kohya_subfolders_are_labelled_under_their_relative_path(clip_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    names = [f"10_cat/{n}" for n in make_images(folder / "10_cat", count=2)]
+    names += [f"2_dog/{n}" for n in make_images(folder / "2_dog", count=3)]
+    names += make_images(folder, count=1)
+    (folder / "2_dog" / "img0.txt").write_text("my dog\n", encoding="utf-8")
+    assert cli(["label", str(folder), "--labels", *LABELS, "--model", str(clip_dir)]) == 0
+    _, captions = read_metadata(folder)
+    expected = {name: top[0] for name, top in expected_top(clip_dir, folder, names, LABELS, 1).items()}
+    assert captions == expected | {"2_dog/img0.png": "my dog"}
+    # The trainer reads the written file: every image, with its caption and its folder's repeats.
+    scan = scan_dataset(folder, None, "", 16, False)
+    assert not scan.errors
+    found = {
+        example.path.relative_to(folder).as_posix(): (example.caption, example.repeats) for example in scan.examples
+    }
+    assert found == {name: (captions[name], int(name.split("_")[0]) if "/" in name else 1) for name in names}
+
+
+def write_unusual_images(folder: Path) -> list[str]:
+    """Grayscale, CMYK, 16-bit and EXIF-rotated images; returns their file names."""
+    folder.mkdir(parents=True)
+    ramp = torch.linspace(0, 1, 48).view(1, -1).expand(32, -1)
+    gray = Image.fromarray((ramp * 255).to(torch.uint8).numpy())
+    gray.save(folder / "gray.png")
+    Image.merge(
+        "CMYK", [gray, gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gray, gray.point(lambda v: v // 4)]
+    ).save(folder / "cmyk.jpg")
+    Image.fromarray((ramp * 65535).to(torch.int32).numpy().astype("uint16")).save(folder / "deep.png")
+    colour = Image.merge("RGB", [gray, gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT), gray.point(lambda v: 255 - v)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: displayed rotated 90 degrees clockwise
+    colour.save(folder / "rotated.jpg", exif=exif)
+    return ["gray.png", "cmyk.jpg", "deep.png", "rotated.jpg"]
+
+
+def test_images_are_labelled_as_the_trainer_sees_them(clip_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    names = write_unusual_images(folder)
+    assert cli(["label", str(folder), "--labels", *LABELS, "--model", str(clip_dir), "--top-k", "5"]) == 0
+    _, captions = read_metadata(folder)
+    expected = expected_top(clip_dir, folder, names, LABELS, 5)
+    assert captions == {name: ", ".join(ranking) for name, ranking in expected.items()}
+    # Read naively (no EXIF rotation, 16-bit values clipped), the rotated and 16-bit images rank differently.
+    naive = expected_top(clip_dir, folder, names, LABELS, 5, read=lambda path: Image.open(path).convert("RGB"))
+    assert naive["rotated.jpg"] != expected["rotated.jpg"] and naive["deep.png"] != expected["deep.png"]

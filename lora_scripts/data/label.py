@@ -1,8 +1,10 @@
 """`lora-scripts label`: caption an image folder with CLIP zero-shot labels into its metadata.csv.
 
-Each image gets the candidate label(s) CLIP scores highest for it, optionally after the trigger
-word. Captions already in ``metadata.csv`` (or in per-image ``.txt`` files) are kept unless
-``--overwrite``; the file is rewritten atomically.
+Images are found as training finds them (:mod:`lora_scripts.data.images`: kohya ``N_name`` subfolders
+included) and decoded as training decodes them (EXIF rotation, grayscale, CMYK, 16-bit). Each image gets
+the candidate label(s) CLIP scores highest for it, optionally after the trigger word, under its path
+relative to the folder (``10_cat/img.png``). Captions already in ``metadata.csv`` (or in per-image
+``.txt`` files) are kept unless ``--overwrite``; the file is rewritten atomically.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from PIL import Image
+
 from lora_scripts.atomic import write_text
+from lora_scripts.data.images import open_rgb, scan_dataset
 from lora_scripts.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = "metadata.csv"
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 FIELDS = ("file_name", "prompt")
 
 
@@ -59,47 +64,32 @@ def _check_unique(labels: list[str], where: str, name: Callable[[int], str]) -> 
         seen[label] = i
 
 
-def find_images(folder: Path) -> list[Path]:
-    """The images directly in ``folder``, sorted by name."""
-    if not folder.is_dir():
-        raise UserError(f"{folder}: image folder not found")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    return images
-
-
-def read_captions(folder: Path) -> dict[str, str]:
-    """Existing captions by file name: per-image .txt files, overridden by rows of metadata.csv."""
+def read_dataset(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """Every image under ``folder`` as training finds it, and the existing captions by file name (the path
+    relative to ``folder``): from metadata.csv, else the ``.txt`` files; a ``.txt`` file also captions an
+    image that metadata.csv does not list yet. Problems with the caption files are errors; problems with
+    single images are left to ``lora-scripts data check`` (label fails only on an image it has to open)."""
     if (folder / "metadata.jsonl").is_file():
         raise UserError(
             f"{folder / 'metadata.jsonl'}: captions are kept in metadata.jsonl, but label writes metadata.csv "
             "(which would be read instead); move the captions into metadata.csv or remove metadata.jsonl"
         )
-    captions = {
-        image.name: _read_text(txt).strip()
-        for image in find_images(folder)
-        if (txt := image.with_suffix(".txt")).is_file()
-    }
-    path = folder / METADATA
-    if not path.is_file():
-        return captions
-    try:
-        rows = list(csv.reader(io.StringIO(_read_text(path))))
-    except csv.Error as err:
-        raise UserError(f"{path}: cannot read captions: {err}") from None
-    if rows and [c.strip() for c in rows[0]] == list(FIELDS):
-        rows = rows[1:]
-        start = 2
-    else:
-        start = 1
-    for line, row in enumerate(rows, start):
-        if not row:
-            continue
-        if len(row) != 2:
-            raise UserError(f"{path}: line {line}: expected 2 columns (file_name,prompt), got {len(row)}")
-        captions[row[0].strip()] = row[1]
-    return captions
+    # Resolution 1: no image is too small to label.
+    scan = scan_dataset(folder, None, trigger_word="", resolution=1, bucket=False)
+    problems = [problem for problem in scan.errors if problem.file not in scan.images]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(problems[0].text() + more)
+    captions = {file_name(folder, image): caption for image, caption in scan.captions.items()}
+    for image in scan.images:
+        if file_name(folder, image) not in captions and (txt := image.with_suffix(".txt")).is_file():
+            captions[file_name(folder, image)] = _read_text(txt).strip()
+    return scan.images, captions
+
+
+def file_name(folder: Path, image: Path) -> str:
+    """The ``file_name`` of ``image`` in ``folder``'s metadata: its path relative to the folder, with ``/``."""
+    return image.relative_to(folder).as_posix()
 
 
 def _read_text(path: Path) -> str:
@@ -169,9 +159,8 @@ def label_images(
         raise UserError(f"--top-k must be between 1 and the number of labels ({len(labels)}), got {top_k}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    images = find_images(folder)
-    captions = read_captions(folder)
-    todo = [p for p in images if overwrite or not captions.get(p.name, "").strip()]
+    images, captions = read_dataset(folder)
+    todo = [p for p in images if overwrite or not captions.get(file_name(folder, p), "").strip()]
     kept = len(images) - len(todo)
     for path in todo:
         _read_image(path, header_only=True)  # fail on a broken file before the model loads
@@ -186,19 +175,19 @@ def label_images(
                 pixels = [_read_image(p) for p in batch]
                 best = similarities(clip, processor, pixels, labels, device).topk(top_k, dim=1).indices
                 for path, row in zip(batch, best.tolist(), strict=True):
-                    captions[path.name] = prefix + ", ".join(labels[i] for i in row)
+                    captions[file_name(folder, path)] = prefix + ", ".join(labels[i] for i in row)
                 bar.update(len(batch))
     return write_captions(folder, captions), len(todo), kept
 
 
-def _read_image(path: Path, header_only: bool = False) -> object:
-    """The image as RGB; with ``header_only``, only check that it opens (fast) and return None."""
-    from PIL import Image, UnidentifiedImageError
-
+def _read_image(path: Path, header_only: bool = False) -> Image.Image | None:
+    """The image as training sees it (upright RGB); with ``header_only``, only check that it opens (fast)."""
     try:
-        with Image.open(path) as image:
-            return None if header_only else image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+        if header_only:
+            Image.open(path).close()
+            return None
+        return open_rgb(path)
+    except IMAGE_ERRORS as err:
         raise UserError(f"{path}: cannot read image: {err}") from None
 
 
