@@ -1,13 +1,16 @@
-"""A random-weight Stable Diffusion 1.x-architecture model built locally (no download), in two layouts.
+"""A random-weight Stable Diffusion model built locally (no download), in two layouts, SD 1.x or SD 2.x style.
 
 ``build_mock_sd(out)`` writes ``out/`` as a diffusers folder (loadable by ``StableDiffusionPipeline.from_pretrained``
 and :func:`lora_scripts.model.stable_diffusion.load_sd_components`) and ``out/mock-sd.safetensors``, the same
 weights in the original LDM / A1111 single-file key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
-``cond_stage_model.transformer.*``). The mock's shapes are not a real SD family, so the single file carries
-its own diffusers configs and tokenizer files: a JSON object ``{relative path: file text}`` in the safetensors
-metadata key ``lora_scripts.diffusers_config``, which the loader writes to a temporary config folder.
-The tokenizer is a CLIP tokenizer whose byte-level BPE merges are trained on a small built-in corpus.
-The same call always writes the same weights.
+and the text encoder as ``cond_stage_model.transformer.*`` (SD 1.x, transformers' CLIP) or ``cond_stage_model.model.*``
+(SD 2.x, OpenCLIP: fused q/k/v ``in_proj`` weights)). ``family="sd2"`` gives the SD 2.x traits that loading depends
+on: a 1024-wide text encoder (the UNet's cross-attention width, which tells the family apart), linear transformer
+projections in the UNet and v-prediction; everything else stays tiny. The mock's shapes are not a real SD
+family, so the single file carries its own diffusers configs and tokenizer files: a JSON object
+``{relative path: file text}`` in the safetensors metadata key ``lora_scripts.diffusers_config``, which the loader
+writes to a temporary config folder. The tokenizer is a CLIP tokenizer whose byte-level BPE merges are trained on
+a small built-in corpus. The same call always writes the same weights.
 """
 
 from __future__ import annotations
@@ -52,6 +55,16 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# What an SD 2.x model changes relative to SD 1.x (applied over SIZES).
+FAMILIES: dict[str, dict[str, dict[str, Any]]] = {
+    "sd1": {"text": {"hidden_act": "quick_gelu"}, "unet": {}, "scheduler": {}},
+    "sd2": {
+        "text": {"hidden_act": "gelu", "hidden_size": 1024, "num_attention_heads": 16},
+        "unet": {"use_linear_projection": True, "upcast_attention": True},
+        "scheduler": {"prediction_type": "v_prediction"},
+    },
+}
+
 _CORPUS = """\
 a photo of a cat sitting on a red chair, highly detailed, studio lighting
 a painting of a mountain lake at sunset in the style of an old master
@@ -63,23 +76,28 @@ close-up of a flower with water drops, macro photography, bokeh
 """
 
 
-def build_mock_sd(out: Path, size: str = "tiny") -> list[Path]:
-    """Write the mock model into ``out`` (atomically) as a diffusers folder plus ``mock-sd.safetensors``."""
+def build_mock_sd(out: Path, size: str = "tiny", family: str = "sd1") -> list[Path]:
+    """Write the mock model into ``out`` (atomically) as a diffusers folder plus ``mock-sd.safetensors``;
+    ``family`` is ``sd1`` or ``sd2`` (see the module docstring)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    dims = SIZES[size]
+    dims, traits = SIZES[size], FAMILIES[family]
     out = Path(out)
     with atomic_path(out) as tmp:
         write_clip_tokenizer(tmp / "tokenizer", _train_merges())
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
-        text = dims["text"]
+        text = {**dims["text"], **traits["text"]}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
             unet = UNet2DConditionModel(
-                sample_size=8, cross_attention_dim=text["hidden_size"], norm_num_groups=32, **dims["unet"]
+                sample_size=8,
+                cross_attention_dim=text["hidden_size"],
+                norm_num_groups=32,
+                **dims["unet"],
+                **traits["unet"],
             )
             vae = AutoencoderKL(
                 down_block_types=["DownEncoderBlock2D"] * len(dims["vae"]["block_out_channels"]),
@@ -93,7 +111,6 @@ def build_mock_sd(out: Path, size: str = "tiny") -> list[Path]:
                     vocab_size=len(tokenizer),
                     max_position_embeddings=tokenizer.model_max_length,
                     projection_dim=text["hidden_size"],
-                    hidden_act="quick_gelu",
                     bos_token_id=tokenizer.bos_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id,
@@ -101,7 +118,12 @@ def build_mock_sd(out: Path, size: str = "tiny") -> list[Path]:
                 )
             )
         scheduler = PNDMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            steps_offset=1,
+            **traits["scheduler"],
         )
         pipe = StableDiffusionPipeline(
             vae=vae,
@@ -118,20 +140,25 @@ def build_mock_sd(out: Path, size: str = "tiny") -> list[Path]:
             if path.suffix in (".json", ".txt")
         }
         save_file(
-            to_ldm_state_dict(unet, vae, text_encoder),
+            to_ldm_state_dict(unet, vae, text_encoder, family),
             tmp / SINGLE_FILE,
             metadata={EMBEDDED_CONFIG_KEY: json.dumps(configs, sort_keys=True)},
         )
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
-def to_ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict:
-    """The three models' weights under the original LDM single-file key names (contiguous copies)."""
+def to_ldm_state_dict(
+    unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, family: str = "sd1"
+) -> dict:
+    """The three models' weights under the original LDM single-file key names of ``family`` (contiguous copies).
+
+    Works on meta tensors too (shapes only), which is how tests check full-size layouts without the memory."""
+    text_prefix, text_layout = _TEXT_LAYOUTS[family]
     converted = {}
     for prefix, table in (
         ("model.diffusion_model.", _unet_to_ldm(unet)),
         ("first_stage_model.", _vae_to_ldm(vae)),
-        ("cond_stage_model.transformer.", _text_to_ldm(text_encoder)),
+        (text_prefix, text_layout(text_encoder)),
     ):
         converted.update({prefix + key: value.contiguous().clone() for key, value in table.items()})
     return converted
@@ -234,9 +261,48 @@ def _text_to_ldm(text_encoder: torch.nn.Module) -> dict:
     }
 
 
-def _check_complete(state: dict, converted: dict, what: str) -> None:
-    if len(converted) != len(state):
-        raise RuntimeError(f"{what} LDM conversion covered {len(converted)} of {len(state)} tensors")
+_OPEN_CLIP_BLOCK = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def _text_to_open_clip(text_encoder: torch.nn.Module) -> dict:
+    """OpenCLIP's text-transformer layout (SD 2.x): q/k/v fused into one ``in_proj`` per residual block."""
+    import torch
+
+    state = {key.removeprefix("text_model."): value for key, value in text_encoder.state_dict().items()}
+    fused = {key for key in state if any(f".self_attn.{p}_proj." in key for p in "qkv")}
+    unfused = {key: value for key, value in state.items() if key not in fused}
+    ldm = {
+        "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        "positional_embedding": state["embeddings.position_embedding.weight"],
+        **_rename(unfused, "final_layer_norm", "ln_final"),
+    }
+    for n in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{n}", f"transformer.resblocks.{n}"
+        ldm.update(_rename(unfused, layer, block, _OPEN_CLIP_BLOCK))
+        for kind in ("weight", "bias"):
+            ldm[f"{block}.attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            )
+    _check_complete(state, ldm, "text encoder", merged=len(fused) - len(fused) // 3)
+    return ldm
+
+
+_TEXT_LAYOUTS = {
+    "sd1": ("cond_stage_model.transformer.", _text_to_ldm),
+    "sd2": ("cond_stage_model.model.", _text_to_open_clip),
+}
+
+
+def _check_complete(state: dict, converted: dict, what: str, merged: int = 0) -> None:
+    """``converted`` holds every tensor of ``state`` (``merged`` fewer where several were fused into one)."""
+    if len(converted) != len(state) - merged:
+        raise RuntimeError(f"{what} LDM conversion covered {len(converted)} of {len(state) - merged} tensors")
 
 
 def _train_merges() -> list[tuple[str, str]]:
