@@ -96,6 +96,30 @@ def test_sd2_single_file_loads_the_same_weights_with_v_prediction(mock_sd2: Path
     _assert_samples(single)
 
 
+def test_training_loss_follows_the_loaded_v_prediction(mock_sd2: Path) -> None:
+    """The trainer's loss, on the single file's components, is not the epsilon loss of the same draws."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from lora_scripts.train.image_task import DenoisingLoss
+
+    components = load_sd_components(str(mock_sd2 / SINGLE_FILE))
+    generator = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(2, 4, 8, 8, generator=generator), "embeddings": torch.randn(2, 77, 1024)}
+    config = SimpleNamespace(noise_offset=0.0, min_snr_gamma=None)
+
+    def loss(scheduler: DDPMScheduler) -> torch.Tensor:
+        components.noise_scheduler = scheduler
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return DenoisingLoss(components, config)(batch)
+
+    v_loss = loss(components.noise_scheduler)
+    epsilon = DDPMScheduler.from_config(components.noise_scheduler.config, prediction_type="epsilon")
+    assert not torch.isclose(v_loss, loss(epsilon), rtol=1e-3)
+
+
 def _assert_samples(components: SDComponents) -> None:
     pipe = build_pipeline(components)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
