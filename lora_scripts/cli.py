@@ -58,6 +58,12 @@ def _mock_model(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("out", metavar="OUT", help="folder to write the model into")
     p.add_argument("--kind", choices=["sd", "causal-lm"], default="sd", help="Stable Diffusion 1.x or causal LM")
     p.add_argument("--size", choices=["tiny", "small"], default="tiny", help="model size (default: tiny)")
+    p.add_argument(
+        "--family",
+        choices=["sd1", "sd2"],
+        default="sd1",
+        help="Stable Diffusion layout: sd1 (CLIP, epsilon) or sd2 (OpenCLIP, v-prediction)",
+    )
     return "lora_scripts.model.mock:main"
 
 

@@ -15,7 +15,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         from lora_scripts.model.mock_sd import build_mock_sd
 
-        written = build_mock_sd(out, size=args.size)
+        written = build_mock_sd(out, size=args.size, family=args.family)
     for path in written:
         print(path)
     return 0
