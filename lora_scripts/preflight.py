@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_scripts.config import Config, load_config
 from lora_scripts.errors import UserError
+from lora_scripts.model.hub_cache import cached_snapshot
 from lora_scripts.train.task import weight_dtype
 
 if TYPE_CHECKING:
@@ -86,16 +87,7 @@ def _sd_config_folder(location: str, where: str) -> Iterator[Path]:
     if not path.exists():
         if location.startswith((".", "/", "~")) or path.suffix.lower() in (".safetensors", ".ckpt"):
             raise UserError(f"{where}: not found: {location}")
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-        try:
-            path = Path(snapshot_download(location, local_files_only=True))
-        except (HFValidationError, LocalEntryNotFoundError):
-            raise UserError(
-                f"{where}: '{location}' is not a folder and not in the local Hugging Face cache; "
-                f"download it first ('hf download {location}')"
-            ) from None
+        path = cached_snapshot(location, where, "a local folder or .safetensors file")
     if not (path / "model_index.json").is_file():
         raise UserError(f"{where}: {path} has no model_index.json (expected a diffusers folder or a .safetensors file)")
     yield path

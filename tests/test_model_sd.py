@@ -171,7 +171,7 @@ def test_uncached_hub_id_says_what_to_download() -> None:
     repo = "lora-scripts-tests/not-a-cached-model"
     with pytest.raises(UserError, match="not in the local Hugging Face cache") as info:
         load_sd_components(repo)
-    assert f"huggingface-cli download {repo}" in str(info.value)
+    assert f"hf download {repo}" in str(info.value)
 
 
 def test_folder_without_model_index_is_rejected(tmp_path: Path) -> None:

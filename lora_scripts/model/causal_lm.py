@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_scripts.errors import UserError
+from lora_scripts.model.hub_cache import cached_snapshot
 
 if TYPE_CHECKING:
     import torch
@@ -32,18 +33,7 @@ def resolve_base_model(location: str, where: str) -> Path:
         if not path.is_dir():
             raise UserError(f"{where}: folder not found: {location}")
     else:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-        try:
-            path = Path(snapshot_download(location, local_files_only=True))
-        except HFValidationError as err:
-            raise UserError(f"{where}: '{location}' is neither a folder nor a Hub id ({err})") from None
-        except LocalEntryNotFoundError:
-            raise UserError(
-                f"{where}: '{location}' is not in the local Hugging Face cache; download it first "
-                f"('hf download {location}') or point base_model at a local folder"
-            ) from None
+        path = cached_snapshot(location, where)
     if not (path / "config.json").is_file():
         raise UserError(f"{where}: {path} has no config.json; expected a transformers model folder")
     return path

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_scripts.errors import UserError
+from lora_scripts.model.hub_cache import cached_snapshot
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +81,9 @@ def load_sd_components(location: str, dtype: torch.dtype | None = None) -> SDCom
     elif path.is_absolute() or location.startswith((".", "~")) or location.endswith((".safetensors", ".ckpt")):
         raise UserError(f"base_model: not found: {location}")
     else:
-        pipe = _load_folder(_cached_hub_folder(location), location, dtype)
+        pipe = _load_folder(
+            cached_snapshot(location, "base_model", "a local folder or .safetensors file"), location, dtype
+        )
     return _components(pipe, location)
 
 
@@ -157,21 +160,6 @@ def _load_folder(folder: Path, location: str, dtype: torch.dtype) -> StableDiffu
         )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"base_model: cannot load {location}: {_first_line(err)}") from None
-
-
-def _cached_hub_folder(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except HFValidationError:
-        raise UserError(f"base_model: '{repo_id}' is neither an existing path nor a Hub id") from None
-    except LocalEntryNotFoundError:
-        raise UserError(
-            f"base_model: '{repo_id}' is not in the local Hugging Face cache; download it first "
-            f"('huggingface-cli download {repo_id}') or point base_model at a local folder or .safetensors file"
-        ) from None
 
 
 def _load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:

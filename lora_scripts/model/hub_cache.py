@@ -1,0 +1,26 @@
+"""Hub ids resolve through the local Hugging Face cache only: a run never downloads a base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_scripts.errors import UserError
+
+
+def cached_snapshot(repo_id: str, where: str, instead: str = "a local folder") -> Path:
+    """The cached snapshot folder of ``repo_id``; a UserError saying what to download when it is not cached.
+
+    ``where`` names the file and key (or flag) at fault; ``instead`` says what else the user may point it at.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except HFValidationError:
+        raise UserError(f"{where}: '{repo_id}' is neither an existing path nor a Hub id") from None
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{where}: '{repo_id}' is not in the local Hugging Face cache; download it first "
+            f"('hf download {repo_id}') or point it at {instead}"
+        ) from None
