@@ -14,6 +14,7 @@ import argparse
 import csv
 import itertools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+WARMUP = 3  # steps left out at the start of every run (first calls, allocator warm-up)
 
 
 def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> None:
@@ -41,6 +44,7 @@ def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> N
         Path("bench.yaml"),
     )
     add_image_lora(c.unet, None, config)
+    c.unet.train()  # as in the trainer
     params = [p for p in c.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
@@ -57,7 +61,7 @@ def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> N
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    print(json.dumps(times))
+    print(json.dumps(times[WARMUP:]))
 
 
 RSS_WRAPPER = (
@@ -81,8 +85,10 @@ def run(args: list[str]) -> tuple[str, float, float]:
 
 
 def ours(model_dir: Path, data_dir: Path, work: Path, steps: int, resolution: int) -> tuple[list[float], float]:
+    """Per-step seconds (from loss.csv's elapsed column) of `lora-scripts train`, and its peak RSS."""
     config = work / f"bench-{model_dir.name}.yaml"
     out = work / f"out-{model_dir.name}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each round
     config.write_text(
         yaml.safe_dump(
             {
@@ -100,13 +106,25 @@ def ours(model_dir: Path, data_dir: Path, work: Path, steps: int, resolution: in
     _, _, rss = run(["lora_scripts", "train", "--config", str(config)])
     with open(out / "logs" / "loss.csv", newline="") as handle:
         elapsed = [float(row["elapsed"]) for row in csv.DictReader(handle)]
-    return [b - a for a, b in itertools.pairwise(elapsed)], rss
+    # elapsed[i] is logged at the end of step i + 1, so the differences are the times of steps 2, 3, ...
+    return [b - a for a, b in itertools.pairwise(elapsed)][WARMUP - 1 :], rss
+
+
+def bare(model_dir: Path, steps: int, resolution: int) -> tuple[list[float], float]:
+    """Per-step seconds of the bare loop in a fresh process, and its peak RSS."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_image; "
+        f"bench_image.bare_loop({str(model_dir)!r}, {steps}, {resolution}, 1)"
+    )
+    stdout, _, rss = run(["-c", code])
+    return json.loads(stdout.strip().splitlines()[-1]), rss
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     data = work / "data"
@@ -118,14 +136,14 @@ def main() -> None:
     for size, target in (("tiny", 1.10), ("small", 1.05)):
         model = work / f"mock-{size}"
         run(["lora_scripts", "mock-model", str(model), "--size", size])
-        ours_times, ours_rss = ours(model, data, work, args.steps, args.resolution)
-        code = (
-            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_image; "
-            f"bench_image.bare_loop({str(model)!r}, {args.steps}, {args.resolution}, 1)"
-        )
-        stdout, _, bare_rss = run(["-c", code])
-        bare_times = json.loads(stdout.strip().splitlines()[-1])[3:]
-        ours_ms = statistics.median(ours_times[2:]) * 1000
+        ours_times: list[float] = []
+        bare_times: list[float] = []
+        for _ in range(args.rounds):
+            times, ours_rss = ours(model, data, work, args.steps, args.resolution)
+            ours_times += times
+            times, bare_rss = bare(model, args.steps, args.resolution)
+            bare_times += times
+        ours_ms = statistics.median(ours_times) * 1000
         bare_ms = statistics.median(bare_times) * 1000
         ratio = ours_ms / bare_ms
         print(

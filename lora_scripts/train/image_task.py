@@ -24,6 +24,16 @@ if TYPE_CHECKING:
 SAMPLE_SEED = 1234
 
 
+def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a model's first (frozen) weight.
+
+    Cheaper than diffusers' ``.device``/``.dtype``, which walk every submodule (about 0.8 ms each per
+    step on the tiny mock UNet, a tenth of its whole training step).
+    """
+    weight = next(module.parameters())
+    return weight.device, weight.dtype
+
+
 class DenoisingLoss(torch.nn.Module):
     """``forward(batch)`` -> the diffusion training loss; holds the UNet (and text encoder) with LoRA."""
 
@@ -38,14 +48,14 @@ class DenoisingLoss(torch.nn.Module):
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample()
+        latents = self.vae.encode(pixels.to(*placement(self.vae))).latent_dist.sample()
         return latents * self.vae.config.scaling_factor
 
     def encode_prompts(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+        return self.text_encoder(input_ids.to(placement(self.text_encoder)[0]))[0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        device = self.unet.device
+        device, dtype = placement(self.unet)
         if "latents" in batch:
             latents = batch["latents"].to(device)
         else:
@@ -63,7 +73,6 @@ class DenoisingLoss(torch.nn.Module):
             )
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        dtype = self.unet.dtype
         prediction = self.unet(noisy.to(dtype), timesteps, embeddings.to(dtype)).sample.float()
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, timesteps)

@@ -345,10 +345,16 @@ def step_seed(seed: int, process: int, epoch: int, batch: int) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA); cheaper per step than accelerate's set_seed."""
+    """Seed python, numpy and torch (CPU and, when there is one, every CUDA device).
+
+    The same RNG states as ``torch.manual_seed``, which would also seed every other backend torch
+    knows of: about 0.1 ms per call, close to 1% of a step on the tiny mock model.
+    """
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def _log_eval(task: TrainingTask, run_log: RunLog | None, step: int) -> float | None:
