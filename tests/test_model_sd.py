@@ -46,8 +46,10 @@ def test_folder_loads_and_samples(from_folder: SDComponents, mock_sd: Path) -> N
 
 def test_single_file_loads_the_same_weights(from_folder: SDComponents, mock_sd: Path) -> None:
     single = load_sd_components(str(mock_sd / "mock-sd.safetensors"))
-    assert torch.equal(_unet_output(single), _unet_output(from_folder))
-    for name in ("vae", "text_encoder"):
+    # Equal weights; the outputs agree to rounding only, since CPU kernels take other paths for
+    # buffers at other alignments (memory-mapped folder files against converted single-file tensors).
+    torch.testing.assert_close(_unet_output(single), _unet_output(from_folder), rtol=1e-5, atol=1e-5)
+    for name in ("unet", "vae", "text_encoder"):
         expected = getattr(from_folder, name).state_dict()
         loaded = getattr(single, name).state_dict()
         assert loaded.keys() == expected.keys()
