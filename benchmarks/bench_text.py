@@ -8,7 +8,8 @@ exactly --seq-len tokens):
 - loop: `lora-scripts train` end to end, per-step time from its loss.csv (includes the DataLoader,
   accelerate, gradient clipping, the scheduler and logging).
 
-Task and bare alternate in rounds in one process so that both see the same machine state.
+The three alternate in rounds (task and bare in this process, the loop in a child) so that all
+see the same machine state; each figure is the median over the rounds' steps after WARMUP per run.
 Target: task/bare and loop/bare within 1.10x.
 
     python benchmarks/bench_text.py [--steps 30] [--batch-size 4] [--seq-len 128]
@@ -20,6 +21,7 @@ import argparse
 import csv
 import itertools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,8 +69,8 @@ def training_step(forward: Callable[[], torch.Tensor], params: list[torch.nn.Par
     return step
 
 
-def in_process(config: Config, steps: int) -> tuple[list[float], list[float], tuple[int, ...]]:
-    """Per-step seconds of TextTask and of a bare peft loop on the same batch."""
+def in_process(config: Config) -> tuple[Callable[[], None], Callable[[], None], tuple[int, ...]]:
+    """One training step of TextTask and one of a bare peft loop, on the same batch."""
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -85,17 +87,12 @@ def in_process(config: Config, steps: int) -> tuple[list[float], list[float], tu
     bare = get_peft_model(base, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets))
     bare.train()
     bare_step = training_step(lambda: bare(**batch).loss, [p for p in bare.parameters() if p.requires_grad])
-
-    ours: list[float] = []
-    theirs: list[float] = []
-    for _ in range(ROUNDS):
-        ours += step_times(task_step, steps)
-        theirs += step_times(bare_step, steps)
-    return ours, theirs, tuple(batch["input_ids"].shape)
+    return task_step, bare_step, tuple(batch["input_ids"].shape)
 
 
 def through_loop(config: Config, work: Path, steps: int) -> list[float]:
     """Per-step seconds of `lora-scripts train`, from the elapsed column of its loss.csv."""
+    shutil.rmtree(work / "out", ignore_errors=True)  # a fresh run each round
     values = {**config.values, "max_train_steps": steps, "output_dir": str(work / "out")}
     path = work / "bench.yaml"
     path.write_text("".join(f"{key}: {json.dumps(value)}\n" for key, value in values.items()))
@@ -106,7 +103,7 @@ def through_loop(config: Config, work: Path, steps: int) -> list[float]:
         sys.exit(f"lora-scripts train failed:\n{proc.stderr[-2000:]}")
     with open(work / "out" / "logs" / "loss.csv", newline="") as handle:
         elapsed = [float(row["elapsed"]) for row in csv.DictReader(handle)]
-    return [b - a for a, b in itertools.pairwise(elapsed)][WARMUP:]
+    return [b - a for a, b in itertools.pairwise(elapsed)][WARMUP - 1 :]  # differences start at step 2
 
 
 def main() -> None:
@@ -138,8 +135,14 @@ def main() -> None:
             },
             folder / "bench.yaml",
         )
-        ours, bare, shape = in_process(config, args.steps)
-        loop = through_loop(config, folder, args.steps * 2)
+        task_step, bare_step, shape = in_process(config)
+        ours: list[float] = []
+        bare: list[float] = []
+        loop: list[float] = []
+        for _ in range(ROUNDS):  # alternate, so that a busy spell on a shared machine weighs on all three alike
+            ours += step_times(task_step, args.steps)
+            bare += step_times(bare_step, args.steps)
+            loop += through_loop(config, folder, args.steps)
         tokens = shape[0] * shape[1]
         bare_s = statistics.median(bare)
         for name, times in (("bare", bare), ("task", ours), ("loop", loop)):

@@ -185,7 +185,10 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
     model, optimizer, loader = accelerator.prepare(task.model, optimizer, loader)
     updates_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     total_steps = config.max_train_steps or config.epochs * updates_per_epoch
-    scheduler = build_scheduler(config, optimizer, total_steps)
+    # Without a grad scaler, accelerate's optimizer wrapper only re-checks what the loop knows (sync
+    # steps) and looks up optional packages on every call: about 0.2 ms a step, 1.5% on the tiny mock.
+    stepper = optimizer.optimizer if accelerator.scaler is None else optimizer
+    scheduler = build_scheduler(config, stepper, total_steps)  # it counts the steps of the optimizer it is given
 
     position = LoopPosition()
     resume = resolve_resume(config.resume_from, output_dir, config.source)
@@ -220,6 +223,8 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
         accelerator.wait_for_everyone()
         if not main_process:
             return None
+        assert run_log is not None
+        run_log.flush()  # TensorBoard holds back steps; a stop after this checkpoint keeps them all
         at = position
         if at.batches_in_epoch >= len(loader):  # an epoch boundary: resume at the next epoch's start
             at = LoopPosition(at.step, at.epoch + 1, 0)
@@ -265,10 +270,11 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
                             "Lower learning_rate or check the data."
                         )
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(lora_params, config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:
+                        if config.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(lora_params, config.max_grad_norm)
+                        stepper.step()
+                        stepper.zero_grad(set_to_none=True)
                 position.batches_in_epoch += 1
                 samples_seen += config.batch_size * accelerator.num_processes
                 step_losses.append(loss.detach().float().item())
