@@ -98,6 +98,9 @@ def _data_check(p: argparse.ArgumentParser) -> Handler:
 def _preflight(p: argparse.ArgumentParser) -> Handler:
     _config_arg(p)
     p.add_argument("--measure", type=int, default=0, metavar="N", help="also run N real steps and time them")
+    p.add_argument(
+        "--require-gpu", action="store_true", help="fail when no CUDA GPU is usable (release jobs: no silent CPU run)"
+    )
     return "lora_scripts.preflight:main"
 
 

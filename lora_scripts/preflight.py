@@ -469,6 +469,14 @@ def measure(config: Config, steps: int) -> dict[str, Any]:
     }
 
 
+def _no_cuda_reason(device: Device) -> str:
+    import torch
+
+    if device.kind == "cuda":  # nvidia-smi sees a GPU that torch cannot use
+        return f"torch {torch.__version__} has no CUDA support but nvidia-smi lists {device.name.split(' (')[0]}"
+    return f"no CUDA GPU found (neither torch {torch.__version__} nor nvidia-smi sees one)"
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -482,6 +490,8 @@ def main(args: argparse.Namespace) -> int:
     if args.measure < 0:
         raise UserError(f"--measure must be 0 or more steps, got {args.measure}", exit_code=2)
     device = find_device()
+    if args.require_gpu and not torch.cuda.is_available():
+        raise UserError(f"{config.source}: --require-gpu: {_no_cuda_reason(device)}; this job would train on the CPU")
     est = estimate(config, on_gpu=device.kind == "cuda")
     lines, fits = report(config, est, device)
     print("\n".join(lines))

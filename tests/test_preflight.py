@@ -233,3 +233,21 @@ def test_text_eta_counts_packed_sequences_as_training_does(lm_folder: Path, tmp_
     steps = preflight.total_steps(config)
     assert steps < len(read_records(tmp_path / "data")) / 2  # packing joins the short records
     assert train(config).steps == steps
+
+
+def test_require_gpu_fails_clearly_without_one(
+    sd_folder: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The release job's preflight must stop rather than start a CPU run on a runner whose GPU is missing."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on CI, also where a GPU is there
+    monkeypatch.setattr(preflight.shutil, "which", lambda _name: None)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train_data_dir: data\nbase_model: {sd_folder}\noutput_dir: out\nresolution: 64\n")
+    assert cli(["preflight", "--config", str(path)]) == 0  # without the flag a CPU run is fine
+    capsys.readouterr()
+    assert cli(["preflight", "--config", str(path), "--require-gpu"]) == 1
+    captured = capsys.readouterr()
+    assert f"{path}: --require-gpu: no CUDA GPU found" in captured.err and "train on the CPU" in captured.err
+    assert "verdict" not in captured.out  # it stops before estimating
