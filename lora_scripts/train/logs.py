@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,35 +71,13 @@ def read_loss_csv(path: Path) -> list[dict[str, str]]:
 
 def plot_loss(csv_path: Path, png_path: Path, title: str = "training loss") -> Path | None:
     """Draw loss against step (raw and smoothed) into ``png_path``; None when there is nothing to draw."""
-    rows = read_loss_csv(csv_path)
+    from lora_scripts.train.loss_plot import draw_loss_png
+
+    rows = [(int(r["step"]), float(r["loss"])) for r in read_loss_csv(csv_path)]
+    rows = [(step, loss) for step, loss in rows if math.isfinite(loss)]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [int(r["step"]) for r in rows]
-    losses = [float(r["loss"]) for r in rows]
-    window = max(1, len(losses) // 20)
-    smooth = [
-        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-        for i in range(len(losses))
-    ]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, losses, color="#9bbbe0", linewidth=1, label="loss")
-    if window > 1:
-        ax.plot(steps, smooth, color="#1f5fa8", linewidth=2, label=f"mean of {window}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return png_path
+    return draw_loss_png([step for step, _ in rows], [loss for _, loss in rows], png_path, title)
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
