@@ -495,6 +495,8 @@ def main(args: argparse.Namespace) -> int:
     est = estimate(config, on_gpu=device.kind == "cuda")
     lines, fits = report(config, est, device)
     print("\n".join(lines))
+    if args.measure and not fits:
+        print(f"--measure {args.measure}: skipped, the config does not fit (fix the verdict first)")
     if args.measure and fits:
         measured = measure(config, args.measure)
         cpu = not torch.cuda.is_available()

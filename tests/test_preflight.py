@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,9 +155,14 @@ def test_verdict_and_largest_batch(sd_folder: Path, monkeypatch: pytest.MonkeyPa
     est = preflight.estimate(config_for(sd_folder, resolution=256, batch_size=8), on_gpu=False)
     free = est.total(3) + est.activation_per_sample // 2
     monkeypatch.setattr(preflight, "find_device", lambda: preflight.Device("cpu", "test CPU", free))
-    assert cli(["preflight", "--config", str(path)]) == 1
+    assert cli(["preflight", "--config", str(path), "--measure", "2"]) == 1
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "largest batch_size that fits: 3" in out and "CPU run" in out
+    assert "--measure 2: skipped, the config does not fit" in out
+    resolution = int(re.search(r"largest resolution that fits at batch_size 8: (\d+)", out).group(1))
+    assert resolution < 256 and resolution % 64 == 0
+    assert est.largest_batch(free, (resolution / 256) ** 2) >= 8  # it fits ...
+    assert est.largest_batch(free, ((resolution + 64) / 256) ** 2) < 8  # ... and the next size up does not
     monkeypatch.setattr(preflight, "find_device", lambda: preflight.Device("cpu", "test CPU", est.total(8)))
     assert cli(["preflight", "--config", str(path)]) == 0
     assert "verdict: fits" in capsys.readouterr().out

@@ -170,3 +170,61 @@ def test_unreachable_hub_is_a_clear_error(config: Path) -> None:
     assert result.returncode == 1
     assert "cannot reach the Hub" in result.stderr and "Traceback" not in result.stderr
     _no_token_anywhere(result, config.parent)
+
+
+def _card_front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+def test_text_card_uses_peft_conventions_and_text_settings(tmp_path: Path) -> None:
+    from lora_scripts.config import Config
+    from lora_scripts.publish.model_card import render
+
+    config = Config(
+        {
+            "mode": "text",
+            "train_data_dir": "data",
+            "base_model": "Qwen/Qwen2.5-0.5B",
+            "output_dir": "out",
+            "max_seq_length": 256,
+            "packing": True,
+        },
+        tmp_path / "chat.yaml",
+    )
+    (tmp_path / "out").mkdir()
+    card = render(config, tmp_path / "out", "tester/chat-lora", samples=[])
+    meta = _card_front_matter(card)
+    assert meta["base_model"] == "Qwen/Qwen2.5-0.5B" and meta["base_model_relation"] == "adapter"
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-generation"
+    assert {"lora", "peft", "text-generation"} <= set(meta["tags"]) and "diffusers" not in meta["tags"]
+    assert 'PeftModel.from_pretrained(base, "tester/chat-lora")' in card
+    assert "| max_seq_length | 256 |" in card and "| packing | True |" in card
+    assert "resolution" not in card and "ComfyUI" not in card  # image-only settings and loaders stay out
+    assert "![loss]" not in card  # no loss.png in this output_dir
+
+
+def test_image_card_from_a_local_checkpoint_names_it_and_explains_every_loader(tmp_path: Path) -> None:
+    from lora_scripts.config import Config
+    from lora_scripts.publish.model_card import render
+
+    out = _output_dir(tmp_path)
+    config = Config(
+        {
+            "train_data_dir": "data",
+            "base_model": "./models/Stable-diffusion/v1-5-pruned.safetensors",
+            "output_dir": "output",
+            "resolution": 768,
+            "lora_rank": 16,
+            "trigger_word": "mystyle",
+        },
+        tmp_path / "style.yaml",
+    )
+    card = render(config, out, REPO_ID, samples=["samples/step-000005-0.png"])
+    meta = _card_front_matter(card)
+    assert "base_model" not in meta and "base_model_relation" not in meta  # the Hub links only Hub ids
+    assert "Base model: `v1-5-pruned.safetensors` (a local file" in card
+    assert meta["instance_prompt"] == "mystyle" and meta["widget"][0]["output"]["url"] == "samples/step-000005-0.png"
+    assert "| resolution | 768 |" in card and "| lora_rank | 16 |" in card and "max_seq_length" not in card
+    assert "load_lora_weights" in card and "ComfyUI/models/loras/" in card and "<lora:lora_weights:1>" in card
+    assert "- final loss: 0.1234" in card and "![loss](loss.png)" in card

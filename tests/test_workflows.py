@@ -192,26 +192,27 @@ def _expand(value: str) -> str:
     return value
 
 
-def test_smoke_workflow_run_steps_work_locally(tmp_path: Path) -> None:
-    """Every `run:` step of smoke.yml in order, as the runner would (bash -eo pipefail), `uses:` skipped.
+def run_job_locally(workflow: str, job_name: str, work: Path, tmp_path: Path) -> tuple[list[str], str, str]:
+    """Every `run:` step of one job in order, as the runner would (bash -eo pipefail), `uses:` skipped.
 
-    The workspace is a scratch folder with this repo's ci/ scripts, no configs (so the built-in
-    example is trained) and this interpreter's environment as .venv; setup.sh is replaced by a
-    check that the environment is ready, since installing is what .ci/run already exercises.
+    The workspace ``work`` gets this repo's ci/ scripts and this interpreter's environment as .venv;
+    setup.sh is replaced by a check that the environment is ready, since installing is what .ci/run
+    already exercises. Returns the steps run, GITHUB_OUTPUT and the job summary.
     """
-    work = tmp_path / "repo"
     shutil.copytree(ROOT / "ci", work / "ci")
     (work / "ci" / "setup.sh").write_text('set -e\n"$1/bin/python" -c "import lora_scripts, torch"\n')
-    (work / "configs").mkdir()
     (work / ".venv").symlink_to(Path(sys.prefix))
     github_output, step_summary = tmp_path / "github_output", tmp_path / "step_summary.md"
     github_output.touch()
     step_summary.touch()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("GITHUB_")}
+    # a runner's PATH: the environment's bin is not on it unless a step puts it there
+    base_env["PATH"] = os.pathsep.join(
+        p for p in base_env["PATH"].split(os.pathsep) if Path(p) != Path(sys.prefix, "bin")
+    )
     base_env.update(GITHUB_OUTPUT=str(github_output), GITHUB_STEP_SUMMARY=str(step_summary), CI="true")
-    job = _load(WORKFLOWS / "smoke.yml")["jobs"]["smoke"]
     ran = []
-    for step in job["steps"]:
+    for step in _load(WORKFLOWS / workflow)["jobs"][job_name]["steps"]:
         if "run" not in step:
             continue
         env = {**base_env, **{k: _expand(str(v)) for k, v in step.get("env", {}).items()}}
@@ -225,9 +226,43 @@ def test_smoke_workflow_run_steps_work_locally(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, f"step {step.get('name')!r} failed:\n{result.stdout}\n{result.stderr}"
         ran.append(step.get("name"))
+    return ran, github_output.read_text(), step_summary.read_text()
+
+
+def test_smoke_workflow_run_steps_work_locally(tmp_path: Path) -> None:
+    """smoke.yml with no configs in the workspace: the built-in example is trained and summarised."""
+    work = tmp_path / "repo"
+    (work / "configs").mkdir(parents=True)
+    ran, github_output, summary = run_job_locally("smoke.yml", "smoke", work, tmp_path)
     assert len(ran) >= 4
-    assert "count=0" in github_output.read_text()
+    assert "count=0" in github_output
     output = work / ".smoke" / "output" / "builtin-example"
     assert (output / "pytorch_lora_weights.safetensors").is_file()
-    summary = step_summary.read_text()
     assert "## Smoke training" in summary and "### builtin-example" in summary and "final loss" in summary
+
+
+def test_validate_workflow_config_job_works_locally(tmp_path: Path) -> None:
+    """validate.yml's config job on a workspace with one good and one bad config: annotations and a table."""
+    work = tmp_path / "repo"
+    (work / "configs").mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / "example-image.yaml", work / "configs" / "good.yaml")
+    (work / "configs" / "bad.yaml").write_text("train_data_dir: d\nbase_model: m\noutput_dir: o\nlora_rnak: 8\n")
+    job = _load(WORKFLOWS / "validate.yml")["jobs"]["configs"]
+    job_steps = [step for step in job["steps"] if "run" in step]
+    assert any("--format github" in step["run"] for step in job_steps)
+    with pytest.raises(AssertionError, match="Validate configs"):  # the bad config fails the job ...
+        run_job_locally("validate.yml", "configs", work, tmp_path)
+    (work / "configs" / "bad.yaml").unlink()
+    shutil.rmtree(work / "ci")
+    (work / ".venv").unlink()
+    ran, _, summary = run_job_locally("validate.yml", "configs", work, tmp_path)  # ... and passes without it
+    assert len(ran) == len(job_steps)
+    assert "good.yaml" in summary
+
+
+def test_pre_commit_step_puts_the_environment_on_path() -> None:
+    """The hooks are `repo: local`, `language: system`: they find yamllint, ruff, lora-scripts on PATH."""
+    hooks = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    assert all(repo["repo"] == "local" for repo in hooks["repos"])
+    steps = [s for s in _steps(_load(WORKFLOWS / "validate.yml")) if "pre-commit run" in s.get("run", "")]
+    assert steps and all(s["run"].startswith('PATH="$PWD/.venv/bin:$PATH" ') for s in steps)

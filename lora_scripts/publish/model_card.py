@@ -22,7 +22,6 @@ SETTINGS = (
     "lora_rank",
     "lora_alpha",
     "lora_dropout",
-    "conv_lora_rank",
     "learning_rate",
     "optimizer",
     "scheduler",
@@ -31,10 +30,12 @@ SETTINGS = (
     "epochs",
     "max_train_steps",
     "mixed_precision",
-    "resolution",
-    "max_seq_length",
     "seed",
 )
+MODE_SETTINGS = {
+    "image": ("conv_lora_rank", "resolution", "train_text_encoder", "min_snr_gamma", "noise_offset"),
+    "text": ("target_modules", "max_seq_length", "packing"),
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _PROMPT_INDEX = re.compile(r"(\d+)$")
 WIDGET_IMAGES = 4
@@ -121,12 +122,15 @@ def render(config: Config, output_dir: Path, repo_id: str, samples: list[str], v
     if config.trigger_word:
         lines += ["", f"Trigger word: `{config.trigger_word}`"]
     lines += ["", "## Training settings", "", "| setting | value |", "| --- | --- |"]
-    lines += [f"| {key} | {config.values[key]} |" for key in SETTINGS if config.values.get(key) not in (None, "", 0)]
+    settings = (*SETTINGS, *MODE_SETTINGS[config.mode])
+    lines += [f"| {key} | {config.values[key]} |" for key in settings if config.values.get(key) not in (None, "", 0)]
     lines += ["", "## Results", ""]
     if "final_loss" in summary:
         lines.append(f"- final loss: {float(summary['final_loss']):.4f}")
     for key, label in (("steps", "steps"), ("wall_time_s", "wall time (s)"), ("samples_per_s", "samples/s")):
         if key in summary:
             lines.append(f"- {label}: {summary[key]}")
-    lines += ["", "![loss](loss.png)", "", _how_to_load(config, repo_id, base or "<base model>")]
+    if (output_dir / "loss.png").is_file():
+        lines += ["", "![loss](loss.png)"]
+    lines += ["", _how_to_load(config, repo_id, base or "<base model>")]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
