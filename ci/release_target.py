@@ -23,7 +23,10 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def target(env: dict[str, str], configs: Path = Path("configs")) -> dict[str, str]:
-    """The release's config path, version (``v1.2.0``), GitHub tag and output_dir; UserError when unclear."""
+    """The release's config path, version (``v1.2.0``), GitHub tag and output_dir; UserError when unclear.
+
+    A config without ``hub_repo_id`` is refused here, before hours of training, not at the publish step.
+    """
     tag = env.get("RELEASE_TAG", "")
     if tag:
         match = TAG.match(tag)
@@ -40,7 +43,12 @@ def target(env: dict[str, str], configs: Path = Path("configs")) -> dict[str, st
     config = configs / f"{name}.yaml"
     if not config.is_file():
         raise UserError(f"{config}: no such config for release {tag}")
-    output_dir = load_config(config).path("output_dir")
+    loaded = load_config(config)
+    if not loaded.hub_repo_id:
+        raise UserError(
+            f"{config}: hub_repo_id: empty; a release publishes to the Hub, so set it (e.g. your-name/{name})"
+        )
+    output_dir = loaded.path("output_dir")
     return {"config": str(config), "version": f"v{version}", "tag": tag, "output_dir": str(output_dir)}
 
 

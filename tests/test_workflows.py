@@ -114,7 +114,10 @@ def _release_target(env: dict[str, str], cwd: Path) -> subprocess.CompletedProce
 
 def test_release_tag_names_the_config_and_version(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "my-style.yaml").write_text("train_data_dir: d\nbase_model: m\noutput_dir: ../out/s\n")
+    (tmp_path / "configs" / "my-style.yaml").write_text(
+        "train_data_dir: d\nbase_model: m\noutput_dir: ../out/s\nhub_repo_id: me/my-style\n"
+    )
+    (tmp_path / "configs" / "no-hub.yaml").write_text("train_data_dir: d\nbase_model: m\noutput_dir: o\n")
     out = tmp_path / "github_output"
     result = _release_target({"RELEASE_TAG": "my-style-v1.2.0", "GITHUB_OUTPUT": str(out)}, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -128,6 +131,27 @@ def test_release_tag_names_the_config_and_version(tmp_path: Path) -> None:
     for tag in ("my-style", "other-v1.0", "x-v1;rm -rf /"):
         bad = _release_target({"RELEASE_TAG": tag}, tmp_path)
         assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    no_hub = _release_target({"RELEASE_TAG": "no-hub-v1.0.0"}, tmp_path)
+    assert no_hub.returncode == 1 and "configs/no-hub.yaml: hub_repo_id: empty" in no_hub.stderr
+
+
+def test_jenkinsfile_has_the_stages_and_calls_what_exists() -> None:
+    """Jenkins runs the same steps: every ci/ script and lora-scripts command it calls exists."""
+    from lora_scripts.cli import COMMANDS
+
+    text = (ROOT / "Jenkinsfile").read_text()
+    stages = re.findall(r"stage\('([^']+)'\)", text)
+    wanted = ("Checkout", "Set up", "Validate", "Preflight", "Train", "Archive", "Plot", "Publish")
+    assert all(any(stage.startswith(w) for stage in stages) for w in wanted), stages
+    assert re.search(r"post \{\s*success \{ sh 'bash ci/notify.sh success", text)
+    assert "failure { sh 'bash ci/notify.sh failure" in text
+    for script in set(re.findall(r"ci/[\w.-]+\.(?:sh|py)", text)):
+        assert (ROOT / script).is_file(), script
+    for command in re.findall(r"\.venv/bin/lora-scripts ([\w-]+)", text):
+        assert command in COMMANDS, command
+    assert "preflight --require-gpu" in text and "withCredentials([string(credentialsId: 'hf-token'" in text
+    default_config = re.search(r"name: 'CONFIG', defaultValue: '([^']+)'", text).group(1)
+    assert (ROOT / default_config).is_file()
 
 
 def test_select_configs_lists_only_configs_a_pull_request_changes(tmp_path: Path) -> None:
