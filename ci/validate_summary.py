@@ -2,7 +2,8 @@
 """Markdown table of every config and its validation status, for the pull-request job summary.
 
 Usage: ci/validate_summary.py [PATH...]   (default configs/). Appends to $GITHUB_STEP_SUMMARY when
-set, else prints. Always exits 0: `lora-scripts validate` is the step that fails the job.
+set, else prints. Always exits 0, also without configs to list (the table says why):
+`lora-scripts validate` is the step that fails the job.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import os
 import sys
 
 from lora_scripts.config import validate_file
+from lora_scripts.errors import UserError
 from lora_scripts.validate import find_configs
 
 
 def table(paths: list[str]) -> str:
-    configs = find_configs(paths)
+    try:
+        configs, empty = find_configs(paths), "no configs found"
+    except UserError as err:  # a named file or folder (default configs/) that does not exist
+        configs, empty = [], str(err)
     lines = ["## Config validation", "", "| config | status | first problem |", "| --- | --- | --- |"]
     for config in configs:
         problems = validate_file(config)
@@ -23,7 +28,7 @@ def table(paths: list[str]) -> str:
         first = problems[0].text().split(": error: ", 1)[-1].replace("|", "\\|") if problems else ""
         lines.append(f"| `{config}` | {'✅' if not problems else '❌'} {status} | {first} |")
     if not configs:
-        lines.append("| (no configs found) | | |")
+        lines.append(f"| ({empty}) | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,34 +27,61 @@ def find_configs(paths: list[str]) -> list[Path]:
 
 
 def check_paths(path: Path) -> list[Problem]:
-    """Problems with the files a valid config points to (data folder, metadata, base model)."""
+    """Problems with what a valid config points to: data folder, metadata, dataset, base model."""
     values, marks, _ = read_config(path)
     config = Config(values, path.resolve())
     problems = []
 
-    def missing(key: str, what: str) -> None:
+    def problem(key: str, message: str) -> None:
         line, column = marks.get(key, (1, 1))
-        problems.append(Problem(str(path), line, column, key, f"{what} not found: {config.values[key]}"))
+        problems.append(Problem(str(path), line, column, key, message))
 
     data_dir = config.path("train_data_dir")
     if data_dir is not None and not data_dir.exists():
-        missing("train_data_dir", "data folder")
+        problem("train_data_dir", f"data folder not found: {config.values['train_data_dir']}")
     metadata = config.path("metadata_path")
     if metadata is not None and not metadata.is_file():
-        missing("metadata_path", "metadata file")
-    base = config.base_model_location()
-    if Path(base).is_absolute() and not Path(base).exists():
-        missing("base_model", "base model")
-    if not problems and data_dir is not None and config.mode == "image":
-        problems += _dataset_problems(config, marks, path)
-    return problems
+        problem("metadata_path", f"metadata file not found: {config.values['metadata_path']}")
+    if not problems and data_dir is not None:
+        for message in _dataset_errors(config, data_dir):
+            problem("train_data_dir", message)
+    base_problem = _base_model_problem(config)
+    if base_problem:
+        problem("base_model", base_problem)
+    return sorted(problems, key=lambda p: (p.line, p.column))
 
 
-def _dataset_problems(config: Config, marks: dict[str, tuple[int, int]], path: Path) -> list[Problem]:
-    from lora_scripts.data.check import dataset_errors
+def _dataset_errors(config: Config, root: Path) -> list[str]:
+    """The errors training would stop on before its first step: image checks, or reading the JSONL records."""
+    if config.mode == "image":
+        from lora_scripts.data.check import dataset_errors
 
-    line, column = marks.get("train_data_dir", (1, 1))
-    return [Problem(str(path), line, column, "train_data_dir", message) for message in dataset_errors(config)]
+        return dataset_errors(config)
+    from lora_scripts.data.text import read_records, split_records
+
+    try:
+        split_records(read_records(root), config.validation_split, config.seed)
+    except UserError as err:
+        return [str(err)]
+    return []
+
+
+def _base_model_problem(config: Config) -> str:
+    """Why training could not find ``base_model`` (empty when it can): a missing path, or a Hub id not in the cache."""
+    value = config.values["base_model"]
+    location = config.base_model_location()
+    if Path(location).is_absolute():
+        return "" if Path(location).exists() else f"base model not found: {value}"
+    from lora_scripts.model.hub_cache import cached_snapshot
+
+    instead = "a local folder or .safetensors file" if config.mode == "image" else "a local folder"  # as training
+    try:
+        cached_snapshot(location, "base_model", instead)
+    except UserError as err:
+        as_path = config.source.parent / value
+        hub = str(err).removeprefix("base_model: ")  # the Problem names the key
+        return f"{hub}; as a path (relative to the config's folder) it is {as_path}, which does not exist"
+    return ""
 
 
 def github_annotation(problem: Problem, level: str = "error", title: str = "") -> str:

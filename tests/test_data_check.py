@@ -108,7 +108,9 @@ def test_default_resolution_is_512(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_validate_check_paths_reports_dataset_problems(broken: Path, write_config: Callable[..., Path]) -> None:
-    config = write_config(base_model="org/model", output_dir="out", train_data_dir=str(broken), resolution=64)
+    model = broken.parent / "model"  # --check-paths also wants the base model, here a local folder
+    model.mkdir()
+    config = write_config(base_model=str(model), output_dir="out", train_data_dir=str(broken), resolution=64)
     result = run_cli("validate", "--check-paths", str(config))
     assert result.returncode == 1
     assert f"train_data_dir: {broken / 'bad.png'}: unreadable or corrupt image" in result.stdout
@@ -117,7 +119,7 @@ def test_validate_check_paths_reports_dataset_problems(broken: Path, write_confi
 
     good = broken.parent / "good"
     write_dummy_images(good, count=2, resolution=64)
-    config = write_config("good", base_model="org/model", output_dir="out", train_data_dir=str(good), resolution=64)
+    config = write_config("good", base_model=str(model), output_dir="out", train_data_dir=str(good), resolution=64)
     assert run_cli("validate", "--check-paths", str(config)).returncode == 0
 
 

@@ -1,18 +1,22 @@
-"""The config-validation pre-commit hook blocks a commit with a bad config and lets a good one through.
+"""The config-validation pre-commit hook blocks a commit with a bad config and lets a good one through;
+the yamllint hook accepts configs as the schema reads them and stays strict elsewhere.
 
-A throwaway git repository uses the hook exactly as .pre-commit-hooks.yaml defines it, run with
-`language: system` from this environment so nothing is downloaded.
+Throwaway git repositories use the hooks exactly as .pre-commit-hooks.yaml / .pre-commit-config.yaml
+define them, run with `language: system` from this environment so nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.test_config import ISSUE_EXAMPLE
 
 from conftest import REPO
 
@@ -26,14 +30,11 @@ def hook(hook_id: str, config: str) -> dict:
     return next(h for h in hooks if h["id"] == hook_id)
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """A git repository with pre-commit installed and only the lora-config-validate hook."""
-    shipped = hook("lora-config-validate", ".pre-commit-hooks.yaml")
-    local = {key: shipped[key] for key in ("id", "name", "entry", "files")} | {"language": "system"}
+def make_repo(tmp_path: Path, hooks: list[dict]) -> tuple[Path, dict[str, str]]:
+    """A git repository with pre-commit installed, running ``hooks`` (local, from this environment)."""
     root = tmp_path / "project"
     (root / "configs").mkdir(parents=True)
-    (root / ".pre-commit-config.yaml").write_text(yaml.safe_dump({"repos": [{"repo": "local", "hooks": [local]}]}))
+    (root / ".pre-commit-config.yaml").write_text(yaml.safe_dump({"repos": [{"repo": "local", "hooks": hooks}]}))
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -46,6 +47,14 @@ def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     git(root, env, "init", "-q")
     subprocess.run([sys.executable, "-m", "pre_commit", "install"], cwd=root, env=env, check=True, capture_output=True)
     return root, env
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A repository with only the lora-config-validate hook, as .pre-commit-hooks.yaml ships it."""
+    shipped = hook("lora-config-validate", ".pre-commit-hooks.yaml")
+    local = {key: shipped[key] for key in ("id", "name", "entry", "files")} | {"language": "system"}
+    return make_repo(tmp_path, [local])
 
 
 def git(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -85,3 +94,22 @@ def test_repo_hooks_are_local_and_offline() -> None:
     assert {"yamllint", "lora-config-validate", "github-workflows-schema", "ruff-check", "ruff-format"} <= ids
     assert hook("lora-config-validate", ".pre-commit-config.yaml")["entry"] == "lora-scripts validate"
     assert "vendor.github-workflows" in hook("github-workflows-schema", ".pre-commit-config.yaml")["entry"]
+
+
+def test_yamllint_hook_lets_configs_say_no_but_keeps_workflows_strict(tmp_path: Path) -> None:
+    """`mixed_precision: no` (the issue-2 example) is fine in configs/; `no` elsewhere still fails truthy."""
+    root, env = make_repo(tmp_path, [hook("yamllint", ".pre-commit-config.yaml")])
+    shutil.copy(REPO / ".yamllint", root / ".yamllint")
+    (root / "configs" / "style.yaml").write_text(ISSUE_EXAMPLE)
+    git(root, env, "add", ".yamllint", "configs")
+    committed = git(root, env, "commit", "-m", "issue example")
+    assert committed.returncode == 0, committed.stdout + committed.stderr
+
+    workflow = root / ".github" / "workflows" / "ci.yml"
+    workflow.parent.mkdir(parents=True)
+    workflow.write_text("on: push\njobs:\n  test:\n    runs-on: ubuntu-latest\n    continue-on-error: no\n")
+    git(root, env, "add", ".github")
+    blocked = git(root, env, "commit", "-m", "workflow")
+    output = blocked.stdout + blocked.stderr
+    assert blocked.returncode != 0
+    assert "5:24" in output and "truthy value should be one of [false, true]" in output
