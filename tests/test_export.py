@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
+import os
 import string
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +25,15 @@ from lora_scripts.export.kohya import (
     load_lora_file,
     save_kohya_lora,
 )
-from lora_scripts.export.metadata import config_hash, dataset_fingerprint, kohya_metadata, tag_frequency
+from lora_scripts.export.metadata import (
+    DatasetDir,
+    config_hash,
+    dataset_dirs,
+    dataset_fingerprint,
+    git_commit,
+    kohya_metadata,
+    tag_frequency,
+)
 
 LORA = SimpleNamespace(lora_rank=4, lora_alpha=6, lora_dropout=0.0, conv_lora_rank=2)
 
@@ -128,7 +138,9 @@ def trained(base, tmp_path_factory):
         epoch=1,
         base_model="mock-sd",
         dataset_fingerprint="f" * 64,
-        tag_frequency={"cat": 2, "red": 1},
+        dataset_dirs={"data": DatasetDir(1, ["cat, red", "cat"])},
+        v2=False,
+        v_prediction=False,
     )
     return SimpleNamespace(
         pipe=pipe,
@@ -306,3 +318,183 @@ def test_dataset_fingerprint_and_tag_frequency(tmp_path):
     image.write_bytes(b"xy")
     assert first != dataset_fingerprint([(image, "cat, red")])
     assert tag_frequency(["cat, red", " cat ,cat", "dog"]) == {"cat": 2, "red": 1, "dog": 1}
+
+
+@pytest.mark.parametrize(
+    ("v2", "v_prediction", "version", "architecture", "prediction"),
+    [
+        (False, False, "sd_v1", "stable-diffusion-v1/lora", "epsilon"),
+        (True, False, "sd_v2", "stable-diffusion-v2-512/lora", "epsilon"),
+        (True, True, "sd_v2_v", "stable-diffusion-v2-768-v/lora", "v"),
+    ],
+)
+def test_metadata_names_the_base_model_family(
+    tmp_path: Path, v2: bool, v_prediction: bool, version: str, architecture: str, prediction: str
+) -> None:
+    """The keys A1111 / kohya tools read to tell SD 1.x from SD 2.x LoRAs, and epsilon from v-prediction."""
+    config = Config({"train_data_dir": "data", "base_model": "mock", "output_dir": "out"}, tmp_path / "c.yaml")
+    header = kohya_metadata(
+        config,
+        step=1,
+        epoch=1,
+        base_model="m",
+        dataset_fingerprint="",
+        dataset_dirs={},
+        v2=v2,
+        v_prediction=v_prediction,
+    )
+    assert header["ss_base_model_version"] == version
+    assert header["ss_v2"] == str(v2)
+    assert header["ss_v_parameterization"] == str(v_prediction)
+    assert header["modelspec.architecture"] == architecture
+    assert header["modelspec.prediction_type"] == prediction
+
+
+def test_save_refuses_a_key_that_maps_nowhere(base, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key conversion gone wrong is caught at save time: a clear error naming the file and key, and no file."""
+    from lora_scripts.export import kohya
+
+    forged = "lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+    convert = kohya.to_kohya
+
+    def with_forged_key(*args: object) -> dict[str, torch.Tensor]:
+        return {**convert(*args), forged: torch.zeros(4, 32)}
+
+    monkeypatch.setattr(kohya, "to_kohya", with_forged_key)
+    pipe = fresh(base)
+    with pytest.raises(UserError) as err:
+        save_kohya_lora(tmp_path, pipe.unet, pipe.text_encoder, {})
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / KOHYA_WEIGHT_NAME}: 1 key(s) do not map onto the base model")
+    assert f"{forged} (no such module in the base model)" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the metadata of a trained file: epochs and kohya repeat folders -------------------------------------------------
+
+REPEAT_FOLDERS = {"3_cat": ["cat, red", "cat, blue"], "1_dog": ["dog, red"]}
+
+
+@pytest.fixture(scope="module")
+def kohya_run(mock_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """10 steps on the SD 1.x mock over kohya repeat folders plus one image at the top: 3 x 2 + 1 + 1 = 8 samples an
+    epoch, so the run ends in its 2nd epoch."""
+    from PIL import Image
+
+    from lora_scripts.train.loop import train
+
+    root = tmp_path_factory.mktemp("kohya-run")
+    data = root / "pictures"
+    captions = {
+        f"{folder}/{index}": caption for folder, texts in REPEAT_FOLDERS.items() for index, caption in enumerate(texts)
+    }
+    captions["top"] = "square"
+    for index, (stem, caption) in enumerate(captions.items()):
+        image = data / f"{stem}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), (40 * index, 200, 90)).save(image)
+        image.with_suffix(".txt").write_text(caption)
+    values = {
+        "train_data_dir": str(data),
+        "base_model": str(mock_sd),
+        "output_dir": str(root / "out"),
+        "resolution": 64,
+        "lora_rank": 4,
+        "lora_alpha": 4,
+        "batch_size": 1,
+        "max_train_steps": 10,
+        "seed": 7,
+    }
+    result = train(Config(values, root / "run.yaml"), progress=False)
+    with safe_open(str(result.output_dir / KOHYA_WEIGHT_NAME), framework="pt") as handle:
+        header = handle.metadata()
+    with open(result.output_dir / "logs" / "loss.csv", newline="") as handle:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
+    return SimpleNamespace(header=header, summary=result.summary, logged_epochs=epochs, data=data)
+
+
+def test_trained_file_counts_epochs_from_one(kohya_run: SimpleNamespace) -> None:
+    assert kohya_run.summary["epochs"] == 2
+    assert kohya_run.logged_epochs[-1] == 2
+    assert kohya_run.header["ss_epoch"] == "2"
+    assert kohya_run.header["ss_steps"] == "10"
+
+
+def test_trained_file_lists_each_repeat_folder(kohya_run: SimpleNamespace) -> None:
+    top = kohya_run.data.name
+    assert json.loads(kohya_run.header["ss_dataset_dirs"]) == {
+        "3_cat": {"n_repeats": 3, "img_count": 2},
+        "1_dog": {"n_repeats": 1, "img_count": 1},
+        top: {"n_repeats": 1, "img_count": 1},
+    }
+    assert json.loads(kohya_run.header["ss_tag_frequency"]) == {
+        "3_cat": {"cat": 2, "red": 1, "blue": 1},
+        "1_dog": {"dog": 1, "red": 1},
+        top: {"square": 1},
+    }
+
+
+def test_trained_sd1_file_is_labelled_sd1_epsilon(kohya_run: SimpleNamespace) -> None:
+    header = kohya_run.header
+    assert (header["ss_base_model_version"], header["ss_v2"], header["ss_v_parameterization"]) == (
+        "sd_v1",
+        "False",
+        "False",
+    )
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert header["modelspec.prediction_type"] == "epsilon"
+
+
+def test_dataset_dirs_outside_any_subfolder(tmp_path: Path) -> None:
+    from lora_scripts.data.images import ImageExample
+
+    examples = [
+        ImageExample(tmp_path / "data" / "a.png", "a", 1, (64, 64)),
+        ImageExample(tmp_path / "data" / "5_x" / "deep" / "b.png", "b", 5, (64, 64)),
+        ImageExample(tmp_path / "elsewhere" / "c.png", "c", 1, (64, 64)),
+    ]
+    dirs = dataset_dirs(examples, tmp_path / "data")
+    assert dirs == {"data": DatasetDir(1, ["a", "c"]), "5_x": DatasetDir(5, ["b"])}
+
+
+# --- the git commit in the header ------------------------------------------------------------------------------------
+
+
+def _git(folder: Path, *args: str) -> str:
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    done = subprocess.run(
+        ["git", *args], cwd=folder, capture_output=True, text=True, check=True, env={**os.environ, **env}
+    )
+    return done.stdout.strip()
+
+
+def _repository(root: Path, project: str, package: str) -> Path:
+    """A git repository at ``root`` whose pyproject.toml names ``project``, holding a package folder at ``package``;
+    returns the package folder."""
+    folder = root / package
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text("")
+    (root / "pyproject.toml").write_text(f'[project]\nname = "{project}"\nversion = "1"\n')
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "init")
+    return folder
+
+
+def test_git_commit_of_a_lora_scripts_checkout(tmp_path: Path) -> None:
+    package = _repository(tmp_path / "lora-scripts", "lora-scripts", "lora_scripts")
+    assert git_commit(package) == _git(package.parent, "rev-parse", "HEAD")
+
+
+@pytest.mark.parametrize(
+    ("project", "package"),
+    [
+        ("someone-elses-app", ".venv/lib/python3.11/site-packages/lora_scripts"),  # installed in a venv in their repo
+        ("someone-elses-app", "lora_scripts"),
+        ("lora-scripts", ".venv/lib/python3.11/site-packages/lora_scripts"),  # installed, not the checkout's own code
+    ],
+)
+def test_no_git_commit_for_an_installed_copy(tmp_path: Path, project: str, package: str) -> None:
+    assert git_commit(_repository(tmp_path / "repo", project, package)) == ""

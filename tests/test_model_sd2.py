@@ -120,6 +120,52 @@ def test_training_loss_follows_the_loaded_v_prediction(mock_sd2: Path) -> None:
     assert not torch.isclose(v_loss, loss(epsilon), rtol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("prediction_type", "version", "architecture", "kohya_prediction"),
+    [
+        ("v_prediction", "sd_v2_v", "stable-diffusion-v2-768-v/lora", "v"),
+        ("epsilon", "sd_v2", "stable-diffusion-v2-512/lora", "epsilon"),
+    ],
+)
+def test_trained_sd2_lora_is_labelled_sd2(
+    mock_sd2: Path,
+    image_data: Path,
+    tmp_path: Path,
+    prediction_type: str,
+    version: str,
+    architecture: str,
+    kohya_prediction: str,
+) -> None:
+    """The kohya file of a run on an SD 2.x base says SD 2.x, with the prediction type of the model's scheduler."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from lora_scripts.config import Config
+    from lora_scripts.export.kohya import KOHYA_WEIGHT_NAME
+    from lora_scripts.train.loop import train
+
+    base = shutil.copytree(mock_sd2, tmp_path / "base", ignore=shutil.ignore_patterns(SINGLE_FILE))
+    scheduler = base / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": prediction_type}))
+    values = {
+        "train_data_dir": str(image_data),
+        "base_model": str(base),
+        "output_dir": str(tmp_path / "out"),
+        "resolution": 64,
+        "batch_size": 1,
+        "max_train_steps": 2,
+    }
+    result = train(Config(values, tmp_path / "run.yaml"), progress=False)
+    with safe_open(str(result.output_dir / KOHYA_WEIGHT_NAME), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["ss_base_model_version"] == version
+    assert header["ss_v2"] == "True"
+    assert header["ss_v_parameterization"] == str(prediction_type == "v_prediction")
+    assert header["modelspec.architecture"] == architecture
+    assert header["modelspec.prediction_type"] == kohya_prediction
+
+
 def _assert_samples(components: SDComponents) -> None:
     pipe = build_pipeline(components)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
@@ -267,17 +313,14 @@ def _no_clip_vocab(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_missing_clip_vocab_names_both_ways_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(stable_diffusion, "CLIP_VOCAB_FILES", (("lora-scripts-no-such-package", "none"),))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    _no_clip_vocab(monkeypatch, tmp_path)
     path = _context_only(tmp_path / "v2-1_768-ema-pruned.safetensors")
     with pytest.raises(UserError, match="CLIP tokenizer vocabulary") as info:
         load_sd_components(str(path))
     message = str(info.value)
     assert str(path) in message
     assert "pip install --no-deps open_clip_torch" in message
-    assert "huggingface-cli download openai/clip-vit-large-patch14 merges.txt" in message
+    assert "'hf download openai/clip-vit-large-patch14 merges.txt'" in message
     assert "\n" not in message
 
 
@@ -286,3 +329,22 @@ def test_vocab_from_hub_cache_is_used_without_the_package(clip_vocab_in_hub_cach
     with single_file_config(path) as folder:
         merges = (folder / "tokenizer" / "merges.txt").read_text().splitlines()[1:]
     assert merges == clip_vocab_in_hub_cache.read_text().splitlines()[1:]
+
+
+def test_clip_vocab_from_the_installed_open_clip_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The real BPE file of open_clip_torch (no Hub cache to fall back on) gives CLIP's own token ids."""
+    from importlib import metadata
+
+    from huggingface_hub import constants
+    from transformers import CLIPTokenizer
+
+    try:
+        metadata.distribution("open_clip_torch")
+    except metadata.PackageNotFoundError:
+        pytest.skip("open_clip_torch is not installed, so there is no real CLIP vocabulary file to read")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    path = _context_only(tmp_path / "v2-1_768-ema-pruned.safetensors")
+    with single_file_config(path) as folder:
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -33,3 +33,33 @@ def test_smoke_fails_with_the_reason(tmp_path: Path, write_config) -> None:
     result = run_cli("smoke", "--config", str(config), "--work-dir", str(tmp_path / "work"))
     assert result.returncode == 1
     assert "missing.png" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_smoke_fails_when_the_lora_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training that ends in an all-zero LoRA writes both files, whose keys all map, yet the smoke must fail: the
+    weights do not change the model's output."""
+    import torch
+
+    from lora_scripts import cli
+    from lora_scripts.export import diffusers_format
+
+    save = diffusers_format.save_diffusers_lora
+
+    def save_zeros(out_dir: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> Path:
+        with torch.no_grad():
+            for model in (unet, text_encoder):
+                for name, param in model.named_parameters() if model is not None else ():
+                    if ".lora_" in name:
+                        param.zero_()
+        return save(out_dir, unet, text_encoder)
+
+    monkeypatch.setattr(diffusers_format, "save_diffusers_lora", save_zeros)
+    assert cli.main(["smoke", "--work-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "error: smoke failed for" in err
+    assert "pytorch_lora_weights.safetensors does not change the mock pipeline's output" in err
+    assert "lora_weights.safetensors:" not in err  # the keys themselves are fine
+    out = tmp_path / "output" / "builtin-example"
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_weights.safetensors").is_file()

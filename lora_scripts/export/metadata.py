@@ -10,15 +10,28 @@ import collections
 import datetime
 import hashlib
 import json
+import re
 import subprocess
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lora_scripts
 
-ARCHITECTURE = "stable-diffusion-v1/lora"
+if TYPE_CHECKING:
+    from lora_scripts.data.images import ImageExample
+
 IMPLEMENTATION = "https://github.com/huggingface/diffusers"
+PROJECT_NAME = re.compile(r'^name\s*=\s*"lora-scripts"\s*$', re.MULTILINE)  # in this project's pyproject.toml
+
+
+@dataclass
+class DatasetDir:
+    """The training images of one dataset folder: how often each repeats per epoch, and their captions."""
+
+    repeats: int
+    captions: list[str] = field(default_factory=list)
 
 
 def _canonical(value: Any) -> str:
@@ -60,16 +73,43 @@ def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def git_commit(folder: Path | None = None) -> str:
-    """The commit of the git checkout holding ``folder`` (this package by default); empty when there is none."""
-    folder = folder or Path(lora_scripts.__file__).resolve().parent
+def dataset_dirs(examples: Iterable[ImageExample], data_dir: Path) -> dict[str, DatasetDir]:
+    """The examples by dataset folder, as kohya names them: an image in a subfolder of ``data_dir`` (a kohya
+    ``N_name`` folder, say) under that top-level subfolder's name, any other image under ``data_dir``'s name."""
+    dirs: dict[str, DatasetDir] = {}
+    for example in examples:
+        parts = example.path.relative_to(data_dir).parts if example.path.is_relative_to(data_dir) else ()
+        name = parts[0] if len(parts) > 1 else data_dir.name
+        dirs.setdefault(name, DatasetDir(example.repeats)).captions.append(example.caption)
+    return dirs
+
+
+def git_commit(package: Path | None = None) -> str:
+    """The commit of the lora-scripts checkout whose package folder is ``package`` (this package by default).
+
+    Empty unless ``package`` sits at the root of a git checkout whose ``pyproject.toml`` names lora-scripts: an
+    installed copy (say in a virtual environment inside some other repository) has no commit of its own.
+    """
+    package = (package or Path(lora_scripts.__file__).parent).resolve()
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=False
+            ["git", "rev-parse", "--show-toplevel", "HEAD"],
+            cwd=package,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+    lines = done.stdout.splitlines()
+    if done.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != package.parent:
+        return ""
+    try:
+        pyproject = (package.parent / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    return lines[1] if PROJECT_NAME.search(pyproject) else ""
 
 
 def kohya_metadata(
@@ -79,21 +119,31 @@ def kohya_metadata(
     epoch: int,
     base_model: str,
     dataset_fingerprint: str,
-    tag_frequency: Mapping[str, int],
-    image_count: int = 0,
+    dataset_dirs: Mapping[str, DatasetDir],
+    v2: bool,
+    v_prediction: bool,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """The header of ``lora_weights.safetensors``: ``ss_*`` (what A1111 / ComfyUI extensions show) and
-    ``modelspec.*`` keys, plus ``lora_scripts.*`` traceability keys. ``extra`` entries are added last and win
-    (e.g. ``ss_base_model_version: sd_v2`` for an SD 2.x base); non-string values become JSON."""
+    ``modelspec.*`` keys, plus ``lora_scripts.*`` traceability keys.
+
+    ``epoch`` counts from 1, as ``loss.csv`` and ``training_summary.json`` do. ``v2``: the base model is SD 2.x
+    (else SD 1.x); ``v_prediction``: it predicts velocity (else noise). ``dataset_dirs`` as from
+    :func:`dataset_dirs`. ``extra`` entries are added last and win; non-string values become JSON.
+    """
     resolution = f"{config.resolution}x{config.resolution}"
     model_name = Path(base_model).name or base_model
-    dir_name = Path(str(config.train_data_dir)).name
     title = Path(config.output_dir).name or "lora"
     sha = config_hash(config)
+    if v2:
+        architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+    else:
+        architecture = "stable-diffusion-v1"
     values: dict[str, Any] = {
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": False,
+        # kohya's names: sd_v1, sd_v2, with _v appended for v-prediction
+        "ss_base_model_version": f"sd_v{2 if v2 else 1}{'_v' if v_prediction else ''}",
+        "ss_v2": v2,
+        "ss_v_parameterization": v_prediction,
         "ss_sd_model_name": model_name,
         "ss_network_module": "networks.lora",
         "ss_network_dim": config.lora_rank,
@@ -121,19 +171,22 @@ def kohya_metadata(
         "ss_text_encoder_lr": config.learning_rate if config.train_text_encoder else 0,
         "ss_network_train_unet_only": not config.train_text_encoder,
         "ss_cache_latents": config.cache_latents,
-        "ss_tag_frequency": {dir_name: dict(tag_frequency)},
-        "ss_dataset_dirs": {dir_name: {"n_repeats": 1, "img_count": image_count}},
+        "ss_tag_frequency": {name: tag_frequency(folder.captions) for name, folder in dataset_dirs.items()},
+        "ss_dataset_dirs": {
+            name: {"n_repeats": folder.repeats, "img_count": len(folder.captions)}
+            for name, folder in dataset_dirs.items()
+        },
         "ss_training_comment": f"trigger word: {config.trigger_word}" if config.trigger_word else "",
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE,
+        "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.resolution": resolution,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.trigger_phrase": config.trigger_word,
         "modelspec.license": config.license,
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
         "lora_scripts.version": lora_scripts.__version__,
         "lora_scripts.git_commit": git_commit(),
         "lora_scripts.config_hash": sha,

@@ -46,6 +46,8 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 UNET_PREFIX = "model.diffusion_model."
 # A cross-attention key projection: its input width is the text encoder's hidden size.
 CONTEXT_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+# The UNet's cross-attention width (the text encoder's hidden size) tells the families apart.
+SD_VERSION_BY_CONTEXT_WIDTH = {768: 1, 1024: 2}
 CLIP_VOCAB_FILES = (("open_clip_torch", "open_clip"), ("clip-anytorch", "clip"))
 CLIP_BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MERGES = 49152 - 256 - 2  # the merges CLIP uses from its BPE list
@@ -128,6 +130,12 @@ def _byte_symbols() -> list[str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+
+
+def sd_version(context_width: int) -> int | None:
+    """1 (SD 1.x) or 2 (SD 2.x) for a UNet whose cross-attention takes ``context_width`` features (its config's
+    ``cross_attention_dim``); None for any other width, which is no Stable Diffusion family (e.g. the mock models)."""
+    return SD_VERSION_BY_CONTEXT_WIDTH.get(context_width)
 
 
 def _components(pipe: StableDiffusionPipeline, source: str) -> SDComponents:
@@ -248,9 +256,10 @@ def _family(path: Path, shapes: dict[str, list[int]]) -> str:
     if any(key.startswith("conditioner.embedders.") for key in shapes):
         raise UserError(f"base_model: {path} is an SDXL checkpoint; only Stable Diffusion 1.x and 2.x are supported")
     context = shapes.get(CONTEXT_KEY, [0, 0])[-1]
-    if context == 768:
+    version = sd_version(context)
+    if version == 1:
         return "sd1"
-    if context == 1024:
+    if version == 2:
         return "sd2-v" if _is_v_prediction(path) else "sd2-base"
     raise UserError(
         f"base_model: {path}: unknown model family (cross-attention width {context or 'missing'}; "
@@ -289,7 +298,7 @@ def _clip_merges(path: Path) -> list[tuple[str, str]]:
     except LocalEntryNotFoundError:
         raise UserError(
             f"base_model: loading {path} needs the CLIP tokenizer vocabulary, which is not installed: run "
-            f"'pip install --no-deps open_clip_torch' or 'huggingface-cli download {repo} merges.txt'"
+            f"'pip install --no-deps open_clip_torch' or 'hf download {repo} merges.txt'"
         ) from None
     lines = merges.read_text(encoding="utf-8").split("\n")
     return [_pair(line) for line in lines[1:] if line.strip()]

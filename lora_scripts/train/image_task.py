@@ -223,19 +223,22 @@ class ImageTask:
     def save_weights(self, out_dir: Path, info: RunInfo) -> list[Path]:
         from lora_scripts.export.diffusers_format import save_diffusers_lora
         from lora_scripts.export.kohya import save_kohya_lora
-        from lora_scripts.export.metadata import dataset_fingerprint, kohya_metadata, tag_frequency
+        from lora_scripts.export.metadata import dataset_dirs, dataset_fingerprint, kohya_metadata
+        from lora_scripts.model.stable_diffusion import sd_version
 
         assert self.components is not None
         text_encoder = self.components.text_encoder if self.config.train_text_encoder else None
-        captions = [example.caption for example in self.examples]
+        data_dir = self.config.path("train_data_dir")
+        assert data_dir is not None
         metadata = kohya_metadata(
             self.config,
             step=info.step,
-            epoch=info.epoch,
+            epoch=info.epoch + 1,  # RunInfo counts from 0, loss.csv and training_summary.json from 1
             base_model=self.config.base_model,
             dataset_fingerprint=dataset_fingerprint([(e.path, e.caption) for e in self.examples]),
-            tag_frequency=tag_frequency(captions),
-            image_count=len(self.examples),
+            dataset_dirs=dataset_dirs(self.examples, data_dir),
+            v2=sd_version(self.components.unet.config.cross_attention_dim) == 2,
+            v_prediction=self.components.noise_scheduler.config.prediction_type == "v_prediction",
             extra={"ss_loss": f"{info.loss:.6g}" if info.loss is not None else ""},
         )
         return [
