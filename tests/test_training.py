@@ -1,22 +1,26 @@
-"""Image training end to end on the mock model: outputs, exact resume, signals, NaN guard, init weights."""
+"""Training end to end on the mock models (image mode, and text mode where the loop treats it alike): outputs,
+exact resume, checkpoints, signals, NaN guard, lr schedule, samples, init weights."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_scripts.config import load_config
+from lora_scripts.config import Config, load_config
 from lora_scripts.errors import UserError
 from lora_scripts.train.checkpoint import list_checkpoints
 from lora_scripts.train.loop import TrainingStopped, train
@@ -28,9 +32,17 @@ def weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output_dir / "pytorch_lora_weights.safetensors"))
 
 
-def losses(output_dir: Path) -> list[tuple[int, float]]:
+def loss_rows(output_dir: Path) -> list[dict[str, str]]:
     with open(output_dir / "logs" / "loss.csv", newline="") as handle:
-        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
+        return list(csv.DictReader(handle))
+
+
+def losses(output_dir: Path) -> list[tuple[int, float]]:
+    return [(int(row["step"]), float(row["loss"])) for row in loss_rows(output_dir)]
+
+
+def lrs(output_dir: Path) -> list[float]:
+    return [float(row["lr"]) for row in loss_rows(output_dir)]
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -52,7 +64,7 @@ def test_train_writes_every_output(image_config: Callable[..., Path]) -> None:
     assert list((out / "samples").glob("*.png"))
     assert list((out / "logs").glob("events.out.tfevents.*"))
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
-    summary = __import__("json").loads((out / "training_summary.json").read_text())
+    summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 4 and math.isfinite(summary["final_loss"]) and summary["samples_per_s"] > 0
     assert "loss" in result.stderr and "4/4" in result.stderr  # the progress bar
 
@@ -109,7 +121,7 @@ def test_sigterm_writes_resumable_checkpoint(image_config: Callable[..., Path]) 
     _wait_for_step(out, 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + signal.SIGTERM
     assert "--resume" in stderr and "Traceback" not in stderr
     checkpoints = list_checkpoints(out)
     assert len(checkpoints) == 1
@@ -122,10 +134,50 @@ def test_sigterm_writes_resumable_checkpoint(image_config: Callable[..., Path]) 
     assert result.steps == stopped_at + 2
 
 
-def start_training(path: Path, output: int) -> subprocess.Popen:
-    """`lora-scripts train --config PATH` in the background, to be interrupted by a test."""
-    cmd = [sys.executable, "-m", "lora_scripts", "train", "--config", str(path)]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=output, stderr=output, text=True)
+def test_ctrl_c_stops_once_with_exit_code_130_despite_dataloader_workers(image_config: Callable[..., Path]) -> None:
+    path = image_config("ctrl-c", max_train_steps=200, num_workers=2)
+    out = load_config(path).path("output_dir")
+    proc = start_training(path, subprocess.PIPE)
+    _wait_for_step(out, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C does: the whole process group, workers included
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.count("finishing this step") == 1, stderr  # the main process alone reacts
+    assert "SIGINT: stopped at step" in stderr and "Traceback" not in stderr
+    assert len(list_checkpoints(out)) == 1
+
+
+# Run in the child process: each checkpoint save takes SAVE_DELAY seconds longer, so a second signal
+# sent once the first one's message shows arrives while the run is still finishing.
+SAVE_DELAY = 2.0
+SLOW_SAVES = f"""
+import sys, time
+from lora_scripts.cli import main
+from lora_scripts.train import checkpoint
+save_file = checkpoint.save_file
+checkpoint.save_file = lambda *args, **kwargs: (time.sleep({SAVE_DELAY}), save_file(*args, **kwargs))[1]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_training(path: Path, output: int, slow_saves: bool = False) -> subprocess.Popen:
+    """`lora-scripts train --config PATH` in the background, in its own process group, to be interrupted."""
+    entry = ["-c", SLOW_SAVES] if slow_saves else ["-m", "lora_scripts"]
+    cmd = [sys.executable, *entry, "train", "--config", str(path)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=output, stderr=output, text=True, start_new_session=True)
+
+
+def _read_stderr_until(proc: subprocess.Popen, text: str) -> str:
+    """Read the running process's stderr pipe until ``text`` shows; return what was read."""
+    seen = b""
+    deadline = time.monotonic() + 240
+    while text.encode() not in seen:
+        assert time.monotonic() < deadline, f"{text!r} never appeared: {seen.decode()[-2000:]}"
+        if select.select([proc.stderr], [], [], 1)[0]:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            assert chunk, f"the run ended before printing {text!r}: {seen.decode()[-2000:]}"
+            seen += chunk
+    return seen.decode()
 
 
 def _wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen) -> None:
@@ -161,7 +213,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(
     assert [p.name for p in list_checkpoints(config.path("output_dir"))] == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_half_written_checkpoint_is_ignored(image_config: Callable[..., Path]) -> None:
+def test_half_written_checkpoint_is_ignored(
+    image_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     config = load_config(image_config("partial", save_steps=2, max_train_steps=2))
     train(config, progress=False)
     out = config.path("output_dir")
@@ -169,6 +223,7 @@ def test_half_written_checkpoint_is_ignored(image_config: Callable[..., Path]) -
     (out / "checkpoint-9" / "lora_state.safetensors").write_bytes(b"\0" * 10)
     (out / ".checkpoint-7.abc.tmp").mkdir()  # a save killed mid-write
     result = train(config.replace(resume_from="latest", max_train_steps=3), progress=False)
+    assert f"resuming from {out / 'checkpoint-2'} (step 2," in capsys.readouterr().out
     assert result.steps == 3
     assert not (out / ".checkpoint-7.abc.tmp").exists()
     assert [step for step, _ in losses(out)] == [1, 2, 3]
@@ -256,15 +311,21 @@ def test_each_optimizer_changes_the_weights(image_config: Callable[..., Path], o
 def test_second_signal_exits_at_once_leaving_only_complete_checkpoints(image_config: Callable[..., Path]) -> None:
     path = image_config("twice", max_train_steps=500, save_steps=1, keep_checkpoints=3)
     out = load_config(path).path("output_dir")
-    proc = start_training(path, subprocess.PIPE)
-    _wait_for_step(out, 2, proc)
+    proc = start_training(path, subprocess.PIPE, slow_saves=True)
+    _wait_for_step(out, 2, proc)  # checkpoint-1 is complete
     proc.send_signal(signal.SIGTERM)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "Traceback" not in stderr
+    first = _read_stderr_until(proc, "finishing this step")
+    proc.send_signal(signal.SIGTERM)  # while the run finishes its step and writes its (slow) checkpoint
+    _, rest = proc.communicate(timeout=60)
+    stderr = first + rest
+    assert "SIGTERM again: exiting now" in stderr, stderr
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
     folders = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))
     assert folders == list_checkpoints(out)  # nothing half-written under a checkpoint name
-    resumed = train(load_config(path).replace(resume_from="latest", max_train_steps=len(losses(out)) + 1))
+    assert folders
+    resumed = train(
+        load_config(path).replace(resume_from="latest", max_train_steps=len(losses(out)) + 1), progress=False
+    )
     assert resumed.steps == len(losses(out))
 
 
@@ -332,3 +393,209 @@ def test_disk_full_during_a_save_is_a_clean_failure(
         train(config, progress=False)
     out = config.path("output_dir")
     assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == ["checkpoint-1"]
+
+
+def test_resume_from_a_checkpoint_folder_relative_to_the_config(
+    image_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = load_config(image_config("first", save_steps=2, max_train_steps=4))
+    train(first, progress=False)
+    first_out = first.path("output_dir")
+    second = load_config(image_config("second", resume_from="out-first/checkpoint-2", max_train_steps=4))
+    result = train(second, progress=False)
+    assert f"resuming from {(first_out / 'checkpoint-2').resolve()} (step 2," in capsys.readouterr().out
+    assert result.steps == 4
+    assert [step for step, _ in losses(second.path("output_dir"))] == [3, 4]
+    assert_same_weights(weights(first_out), weights(second.path("output_dir")))
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint_fails_clearly(
+    image_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "lora_state.safetensors").write_bytes(b"\0" * 10)
+    config = load_config(image_config("bad", resume_from="half"))
+    with pytest.raises(UserError, match=r"bad\.yaml: resume_from: .*half is not a complete checkpoint folder"):
+        train(config, progress=False)
+
+
+def test_keep_checkpoints_keeps_the_newest(image_config: Callable[..., Path]) -> None:
+    config = load_config(image_config("keep", save_steps=1, max_train_steps=5, keep_checkpoints=2))
+    train(config, progress=False)
+    out = config.path("output_dir")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_checkpoint_holds_the_full_training_state(image_config: Callable[..., Path]) -> None:
+    config = load_config(image_config("contents", save_steps=3, max_train_steps=3))
+    train(config, progress=False)
+    out = config.path("output_dir")
+    folder = out / "checkpoint-3"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "lora_state.safetensors",
+        "lora_weights.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "trainer_state.json",
+        "training_state.pt",
+    ]
+    # 4 images, batch 1: step 3 is inside the first epoch, with 3 of its batches consumed
+    assert json.loads((folder / "trainer_state.json").read_text()) == {"step": 3, "epoch": 0, "batches_in_epoch": 3}
+    lora_state = load_file(str(folder / "lora_state.safetensors"))
+    assert lora_state and all(".lora_" in key for key in lora_state)
+    state = torch.load(folder / "training_state.pt", weights_only=True)
+    assert set(state) == {"optimizer", "scheduler", "scaler", "rng"}
+    moments = state["optimizer"]["state"]
+    assert len(moments) == len(lora_state) and all(int(m["step"]) == 3 for m in moments.values())
+    assert state["scheduler"]["last_epoch"] == 3
+    assert state["scaler"] == {}  # no grad scaler without fp16
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+    # the usable weight files are those of the step: here the run's last, so equal to the final ones
+    for name in ("pytorch_lora_weights.safetensors", "lora_weights.safetensors"):
+        assert_same_weights(load_file(str(folder / name)), load_file(str(out / name)))
+
+
+@pytest.mark.parametrize(
+    ("change", "mismatch"),
+    [
+        ({"lora_rank": 8}, r"unet\.\S+lora_A\S*: shape \[4, \d+\] in the checkpoint, shape \[8, \d+\] in this run"),
+        ({"train_text_encoder": True}, r"text_encoder\.\S+: absent in the checkpoint, shape \[\d+, \d+\] in this run"),
+    ],
+    ids=["rank", "text-encoder"],
+)
+def test_resume_with_a_changed_lora_config_fails_clearly(
+    image_config: Callable[..., Path], change: dict, mismatch: str
+) -> None:
+    train(load_config(image_config("changed", save_steps=2, max_train_steps=2)), progress=False)
+    changed = load_config(image_config("changed", resume_from="latest", max_train_steps=4, **change))
+    with pytest.raises(UserError, match=rf"checkpoint-2: {mismatch} .*init_lora_weights.*fresh output_dir"):
+        train(changed, progress=False)
+
+
+def test_disk_precheck_counts_the_checkpoints_the_run_keeps(
+    image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lora_scripts.train import loop
+
+    needed: dict[str, int] = {}
+
+    def record(config: Config, output_dir: Path, expected_bytes: int) -> None:
+        needed[config.source.stem] = expected_bytes
+        raise UserError("checked")
+
+    monkeypatch.setattr(loop, "check_output_dir", record)
+    runs = {
+        "none": {},
+        "one": {"save_steps": 4},
+        "all": {"save_steps": 1, "keep_checkpoints": 0},
+        "kept": {"save_steps": 1, "keep_checkpoints": 2},
+    }
+    for name, overrides in runs.items():
+        with pytest.raises(UserError, match="checked"):
+            train(load_config(image_config(name, max_train_steps=6, **overrides)), progress=False)
+    per_checkpoint = needed["one"] - needed["none"]
+    assert per_checkpoint > 0
+    assert needed["all"] - needed["none"] == 6 * per_checkpoint  # keep_checkpoints 0 keeps all 6
+    assert needed["kept"] - needed["none"] == 3 * per_checkpoint  # 2 kept, plus the newest before pruning
+
+
+def test_lr_column_shows_the_lr_each_step_used(image_config: Callable[..., Path]) -> None:
+    lr = 1e-3
+    config = load_config(image_config("lr", scheduler="linear", warmup_steps=2, max_train_steps=5, learning_rate=lr))
+    train(config, progress=False)
+    # diffusers' linear schedule: step k (from 1) uses lr * (k - 1) / warmup, then decays to 0 at the end
+    assert lrs(config.path("output_dir")) == pytest.approx([0, lr / 2, lr, lr * 2 / 3, lr / 3], rel=1e-5)
+
+
+def test_warmup_applies_to_the_default_constant_schedule(image_config: Callable[..., Path]) -> None:
+    lr = 1e-3
+    config = load_config(image_config("warm", warmup_steps=3, max_train_steps=5, learning_rate=lr))
+    assert config.scheduler == "constant"
+    train(config, progress=False)
+    rows = lrs(config.path("output_dir"))
+    assert rows == pytest.approx([0, lr / 3, lr * 2 / 3, lr, lr], rel=1e-5)
+    assert rows[:4] == sorted(rows[:4])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "sampled"),
+    [({"save_steps": 2}, [2, 4, 5]), ({"save_steps": 2, "sample_every_n_steps": 3}, [3, 5])],
+    ids=["at-checkpoints", "every-n-steps"],
+)
+def test_image_samples_at_their_steps_and_the_end(
+    image_config: Callable[..., Path], overrides: dict, sampled: list[int]
+) -> None:
+    config = load_config(
+        image_config(
+            "samples", validation_prompts=["a red circle"], sample_inference_steps=1, max_train_steps=5, **overrides
+        )
+    )
+    train(config, progress=False)
+    names = sorted(p.name for p in (config.path("output_dir") / "samples").iterdir())
+    assert names == [f"step-{step:06d}-00.png" for step in sampled]
+
+
+@pytest.fixture(scope="module")
+def text_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A mock causal LM and a small JSONL dataset for text-mode runs."""
+    from lora_scripts.data.text import write_dummy_text
+    from lora_scripts.model.mock_lm import build_mock_causal_lm
+
+    root = tmp_path_factory.mktemp("text")
+    build_mock_causal_lm(root / "mock-lm")
+    write_dummy_text(root / "data", count=6)
+    return root / "mock-lm", root / "data"
+
+
+@pytest.fixture
+def text_config(
+    write_config: Callable[..., Path], text_inputs: tuple[Path, Path], tmp_path: Path
+) -> Callable[..., Path]:
+    """A small text-mode config on the mock LM: text_config(name, **overrides) -> path."""
+
+    def make(name: str = "text", **overrides: Any) -> Path:
+        model, data = text_inputs
+        values = {
+            "mode": "text",
+            "base_model": str(model),
+            "train_data_dir": str(data),
+            "output_dir": str(tmp_path / f"out-{name}"),
+            "max_seq_length": 64,
+            "batch_size": 2,
+            "lora_rank": 4,
+            "learning_rate": 0.01,
+            "max_train_steps": 2,
+            **overrides,
+        }
+        return write_config(name, **values)
+
+    return make
+
+
+def test_text_samples_and_eval_loss_at_checkpoints_and_the_end(
+    text_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lora_scripts.train.logs import RunLog
+
+    evaluated: list[int] = []
+    log_eval = RunLog.log_eval
+
+    def record(self: RunLog, step: int, loss: float) -> None:
+        evaluated.append(step)
+        log_eval(self, step, loss)
+
+    monkeypatch.setattr(RunLog, "log_eval", record)
+    config = load_config(
+        text_config(max_train_steps=5, save_steps=2, validation_split=0.2, validation_prompts=["Describe the cat."])
+    )
+    train(config, progress=False)
+    names = sorted(p.name for p in (config.path("output_dir") / "samples").iterdir())
+    assert names == ["step-000002.txt", "step-000004.txt", "step-000005.txt"]
+    assert evaluated == [2, 4, 5]
+
+
+def test_text_resume_with_a_changed_rank_fails_clearly(text_config: Callable[..., Path]) -> None:
+    train(load_config(text_config(save_steps=2)), progress=False)
+    changed = load_config(text_config(resume_from="latest", lora_rank=8, max_train_steps=4))
+    pattern = r"checkpoint-2: \S+lora_A\S*: shape \[4, \d+\] in the checkpoint, shape \[8, \d+\] in this run"
+    with pytest.raises(UserError, match=pattern):
+        train(changed, progress=False)

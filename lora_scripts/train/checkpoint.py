@@ -119,6 +119,19 @@ def resolve_resume(resume_from: str, output_dir: Path, config_source: Path) -> P
     return path
 
 
+def check_lora_state(path: Path, saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Fail clearly when a checkpoint's LoRA weights do not fit this run (the config changed since it was written)."""
+    for key in sorted(saved.keys() | expected.keys()):
+        have = f"shape {list(saved[key].shape)}" if key in saved else "absent"
+        want = f"shape {list(expected[key].shape)}" if key in expected else "absent"
+        if have != want:
+            raise UserError(
+                f"{path}: {key}: {have} in the checkpoint, {want} in this run (lora_rank, conv_lora_rank, "
+                "target_modules or train_text_encoder changed?); to start from these weights use "
+                "init_lora_weights, or train into a fresh output_dir"
+            )
+
+
 def load_checkpoint(path: Path) -> tuple[LoopPosition, dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint: loop position, LoRA weights, and the optimizer/scheduler/scaler/RNG states."""
     try:

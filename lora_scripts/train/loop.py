@@ -29,6 +29,7 @@ from lora_scripts.config import Config
 from lora_scripts.errors import UserError
 from lora_scripts.train.checkpoint import (
     LoopPosition,
+    check_lora_state,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -42,6 +43,7 @@ from lora_scripts.train.optim import build_optimizer, build_scheduler
 from lora_scripts.train.task import RunInfo, TrainingTask
 
 SUMMARY_FILE = "training_summary.json"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingStopped(UserError):
@@ -89,11 +91,11 @@ class StopSignals:
     """
 
     def __init__(self) -> None:
-        self.received: str | None = None
+        self.received: signal.Signals | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -102,12 +104,24 @@ class StopSignals:
         if self.received:
             print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.received = signal.Signals(signum).name
-        print(f"\n{self.received}: finishing this step and writing a checkpoint...", file=sys.stderr, flush=True)
+        self.received = signal.Signals(signum)
+        print(f"\n{self.received.name}: finishing this step and writing a checkpoint...", file=sys.stderr, flush=True)
 
     def __exit__(self, *_exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker start-up: leave SIGINT/SIGTERM to the main process (Ctrl+C reaches every process)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def checkpoints_on_disk(total_steps: int, save_steps: int, keep_checkpoints: int) -> int:
+    """The most checkpoints a run has on disk at once (pruning follows each save, so keep + 1)."""
+    written = total_steps // save_steps if save_steps else 0
+    return min(written, keep_checkpoints + 1) if keep_checkpoints else written
 
 
 def make_task(config: Config) -> TrainingTask:
@@ -163,6 +177,7 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
     started = time.perf_counter()
     output_dir = config.path("output_dir")
     assert output_dir is not None
+    resume = resolve_resume(config.resume_from, output_dir, config.source)
     accelerator = make_accelerator(config)
     main_process = accelerator.is_main_process
     set_seed(config.seed)
@@ -171,15 +186,13 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
     task.check_data()
     task.build(accelerator)
     lora_params = [p for p in task.model.parameters() if p.requires_grad]
-    lora_bytes = sum(p.numel() * 4 for p in lora_params)
-    keep = config.keep_checkpoints or 3
-    if main_process:
-        check_output_dir(config, output_dir, expected_bytes=lora_bytes * 5 * (keep + 1) + 16 * 2**20)
-        remove_stale_temporaries(output_dir)
-
     sampler = GroupedBatchSampler(task.groups(), config.batch_size, config.seed)
     loader = torch.utils.data.DataLoader(
-        task.dataset(), batch_sampler=sampler, collate_fn=task.collate, num_workers=config.num_workers
+        task.dataset(),
+        batch_sampler=sampler,
+        collate_fn=task.collate,
+        num_workers=config.num_workers,
+        worker_init_fn=ignore_stop_signals,
     )
     optimizer = build_optimizer(config, lora_params, accelerator.device.type)
     model, optimizer, loader = accelerator.prepare(task.model, optimizer, loader)
@@ -189,11 +202,17 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
     # steps) and looks up optional packages on every call: about 0.2 ms a step, 1.5% on the tiny mock.
     stepper = optimizer.optimizer if accelerator.scaler is None else optimizer
     scheduler = build_scheduler(config, stepper, total_steps)  # it counts the steps of the optimizer it is given
+    if main_process:
+        # Per checkpoint: LoRA state, optimizer moments (2x) and the two weight files; then the final weights.
+        checkpoints = checkpoints_on_disk(total_steps, config.save_steps, config.keep_checkpoints)
+        lora_bytes = sum(p.numel() * 4 for p in lora_params)
+        check_output_dir(config, output_dir, expected_bytes=lora_bytes * 5 * (checkpoints + 1) + 16 * 2**20)
+        remove_stale_temporaries(output_dir)
 
     position = LoopPosition()
-    resume = resolve_resume(config.resume_from, output_dir, config.source)
     if resume is not None:
         position, lora_state, training_state = load_checkpoint(resume)
+        check_lora_state(resume, lora_state, task.lora_state_dict())
         task.load_lora_state_dict(lora_state)
         optimizer.load_state_dict(training_state["optimizer"])
         scheduler.load_state_dict(training_state["scheduler"])
@@ -208,6 +227,11 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
     assert logging_dir is not None
     run_log = RunLog(output_dir, logging_dir, position.step) if main_process else None
     samples_dir = output_dir / "samples"
+    sample_every = config.sample_every_n_steps or config.save_steps  # 0: only at the end
+
+    def sample_and_eval() -> float | None:
+        task.sample(samples_dir, position.step)
+        return _log_eval(task, run_log, position.step)
 
     def training_state() -> dict[str, Any]:
         return {
@@ -245,6 +269,8 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
     samples_seen = 0
     step_losses: list[float] = []
     last_loss: float | None = None
+    eval_loss: float | None = None
+    sampled_step: int | None = None
     loop_started = time.perf_counter()
     with StopSignals() as signals:
         model.train()
@@ -280,30 +306,29 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
                 step_losses.append(loss.detach().float().item())
                 if not accelerator.sync_gradients:
                     continue
+                lr = scheduler.get_last_lr()[0]  # the lr this optimizer step used
                 scheduler.step()
                 position.step += 1
                 last_loss = sum(step_losses) / len(step_losses)
                 if accelerator.num_processes > 1:  # log the mean over all processes
                     last_loss = accelerator.reduce(torch.tensor(last_loss, device=accelerator.device), "mean").item()
                 step_losses.clear()
-                lr = scheduler.get_last_lr()[0]
                 if run_log is not None:
                     run_log.log(position.step, epoch + 1, last_loss, lr, time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1, refresh=False)
-                if config.sample_every_n_steps and position.step % config.sample_every_n_steps == 0 and main_process:
-                    task.sample(samples_dir, position.step)
-                    _log_eval(task, run_log, position.step)
+                if main_process and sample_every and position.step % sample_every == 0:
+                    eval_loss, sampled_step = sample_and_eval(), position.step
                 stopping = signals.received or (stop_at_step is not None and position.step == stop_at_step)
                 if stopping or (config.save_steps and position.step % config.save_steps == 0):
                     path = checkpoint(last_loss)
                     if stopping:
                         bar.close()
-                        reason = signals.received or f"stop_at_step {stop_at_step}"
+                        reason = signals.received.name if signals.received else f"stop_at_step {stop_at_step}"
                         raise TrainingStopped(
                             f"{reason}: stopped at step {position.step}; checkpoint written to {path}. "
                             f"Resume with: lora-scripts train --config {config.source} --resume",
-                            exit_code=130 if signals.received else 1,
+                            exit_code=128 + signals.received if signals.received else 1,
                         )
                 if position.step >= total_steps:
                     break
@@ -317,10 +342,8 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
     if main_process:
         assert run_log is not None
         weights = _guard_disk(lambda: task.save_weights(output_dir, info(last_loss, final=True)), output_dir)
-        sampled_last_step = bool(config.sample_every_n_steps) and position.step % config.sample_every_n_steps == 0
-        if config.validation_prompts and not sampled_last_step:
-            task.sample(samples_dir, position.step)
-        eval_loss = _log_eval(task, run_log, position.step)
+        if sampled_step != position.step:
+            eval_loss = sample_and_eval()
         run_log.close()
         plot_loss(run_log.csv_path, output_dir / "loss.png", title=f"{config.source.stem}: training loss")
         summary = {

@@ -51,9 +51,13 @@ def _optional_import(module: str, package: str, config: Config):
 def build_scheduler(
     config: Config, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """diffusers' schedule ``config.scheduler`` with ``warmup_steps`` of linear warm-up."""
+    """diffusers' schedule ``config.scheduler`` with ``warmup_steps`` of linear warm-up.
+
+    diffusers' ``constant`` takes no warm-up: with ``warmup_steps`` it becomes ``constant_with_warmup``.
+    """
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(
-        config.scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=max(total_steps, 1)
-    )
+    name = config.scheduler
+    if name == "constant" and config.warmup_steps > 0:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=max(total_steps, 1))
