@@ -395,6 +395,31 @@ def test_disk_full_during_a_save_is_a_clean_failure(
     assert [p.name for p in out.iterdir() if "checkpoint" in p.name] == ["checkpoint-1"]
 
 
+def test_disk_full_while_logging_is_one_line_naming_the_file(
+    image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Writes outside the checkpoint save (loss.csv, TensorBoard, samples) fail as cleanly: no traceback."""
+    import errno
+
+    from lora_scripts.cli import main as cli
+    from lora_scripts.train import logs
+
+    path = image_config("enospc-log", max_train_steps=3)
+    csv_path = load_config(path).path("output_dir") / "logs" / "loss.csv"
+    real_log = logs.RunLog.log
+
+    def full_disk_at_step_2(self: logs.RunLog, step: int, *args: Any) -> None:
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(csv_path))
+        real_log(self, step, *args)
+
+    monkeypatch.setattr(logs.RunLog, "log", full_disk_at_step_2)
+    assert cli(["train", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {csv_path}: No space left on device"
+    assert "Traceback" not in "\n".join(err)
+
+
 def test_resume_from_a_checkpoint_folder_relative_to_the_config(
     image_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -265,14 +265,14 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
 
     bar = tqdm(
         total=total_steps, initial=position.step, unit="step", desc="train", disable=not (progress and main_process)
-    )
+    )  # closed as the loop ends, also by an error: its last line then comes before the error, not after
     samples_seen = 0
     step_losses: list[float] = []
     last_loss: float | None = None
     eval_loss: float | None = None
     sampled_step: int | None = None
     loop_started = time.perf_counter()
-    with StopSignals() as signals:
+    with StopSignals() as signals, bar:
         model.train()
         for epoch in range(position.epoch, math.ceil(total_steps / updates_per_epoch) + 1):
             if position.step >= total_steps:
@@ -323,7 +323,6 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
                 if stopping or (config.save_steps and position.step % config.save_steps == 0):
                     path = checkpoint(last_loss)
                     if stopping:
-                        bar.close()
                         reason = signals.received.name if signals.received else f"stop_at_step {stop_at_step}"
                         raise TrainingStopped(
                             f"{reason}: stopped at step {position.step}; checkpoint written to {path}. "
@@ -333,7 +332,6 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
                 if position.step >= total_steps:
                     break
             position.batches_in_epoch = 0
-    bar.close()
     train_seconds = time.perf_counter() - loop_started
 
     accelerator.wait_for_everyone()
