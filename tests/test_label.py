@@ -135,6 +135,31 @@ def test_merge_keeps_existing_captions_and_overwrite_replaces(clip_dir: Path, tm
     assert captions == {name: top[0] for name, top in expected_top(clip_dir, folder, names, LABELS, 1).items()}
 
 
+def test_other_metadata_columns_are_kept(clip_dir: Path, tmp_path: Path) -> None:
+    """Labelling rewrites metadata.csv; the user's other columns and their caption column's name survive."""
+    folder = tmp_path / "data"
+    names = make_images(folder, count=2)
+    (folder / "metadata.csv").write_text(
+        f"source,file_name,text,licence\nshoot-1,{names[0]},my own caption,cc-by\n", encoding="utf-8"
+    )
+    assert cli(["label", str(folder), "--labels", *LABELS, "--model", str(clip_dir)]) == 0
+    with open(folder / "metadata.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["source", "file_name", "text", "licence"]
+    by_name = {row["file_name"]: row for row in rows}
+    assert by_name[names[0]] == {
+        "source": "shoot-1",
+        "file_name": names[0],
+        "text": "my own caption",
+        "licence": "cc-by",
+    }
+    assert by_name[names[1]]["text"] in LABELS and by_name[names[1]]["source"] == ""
+    from lora_scripts.data.images import scan_dataset
+
+    scan = scan_dataset(folder, None, trigger_word="", resolution=1, bucket=False)  # training still reads it
+    assert scan.errors == [] and scan.captions[folder / names[0]] == "my own caption"
+
+
 @pytest.mark.parametrize(
     ("setup", "labels", "message"),
     [

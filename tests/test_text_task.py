@@ -308,7 +308,10 @@ def test_train_command_and_exact_resume_in_text_mode(mock_lm, data_dir, tmp_path
     split = load_config(write_yaml(tmp_path / "split.yaml", {**values, "output_dir": "split"}))
     with pytest.raises(TrainingStopped):
         train(split, stop_at_step=2, progress=False)
+    killed_save = tmp_path / "split" / ".adapter-k1ll3d.tmp"  # what a kill during the adapter save leaves
+    killed_save.mkdir()
     train(split.replace(resume_from="latest"), progress=False)
+    assert not killed_save.exists()  # swept away as a stale temporary when the run starts
     resumed = load_file(tmp_path / "split" / "adapter_model.safetensors")
     assert resumed.keys() == final.keys()
     assert all(torch.equal(resumed[key], final[key]) for key in final)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from lora_scripts.atomic import write_text
-from lora_scripts.data.images import open_rgb, scan_dataset
+from lora_scripts.data.images import CAPTION_COLUMNS, open_rgb, scan_dataset
 from lora_scripts.errors import UserError
 
 if TYPE_CHECKING:
@@ -102,14 +102,35 @@ def _read_text(path: Path) -> str:
 
 
 def write_captions(folder: Path, captions: dict[str, str]) -> Path:
-    """Write ``captions`` as ``folder/metadata.csv`` (file_name,prompt with header), atomically."""
+    """Write ``captions`` as ``folder/metadata.csv`` (with a header), atomically.
+
+    An existing metadata.csv with a header keeps its columns: their order, the caption column's name
+    (``prompt``, ``text`` or ``caption``) and every other column's values, so labelling loses nothing.
+    """
+    path = folder / METADATA
+    header, rows = _existing_table(path)
+    caption_column = next(column for column in header if column in CAPTION_COLUMNS)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(FIELDS)
-    writer.writerows(sorted(captions.items()))
-    path = folder / METADATA
+    writer.writerow(header)
+    for name, caption in sorted(captions.items()):
+        row = {**rows.get(name, {}), "file_name": name, caption_column: caption}
+        writer.writerow([row.get(column, "") for column in header])
     write_text(path, out.getvalue())
     return path
+
+
+def _existing_table(path: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The header and the rows by file_name of an existing metadata.csv with a header; else the default header."""
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            table = list(csv.reader(handle))
+        header = table[0] if table else []
+        if "file_name" in header and any(column in CAPTION_COLUMNS for column in header):
+            return header, {
+                row[header.index("file_name")]: dict(zip(header, row, strict=False)) for row in table[1:] if row
+            }
+    return list(FIELDS), {}
 
 
 def load_clip(model: str) -> tuple[torch.nn.Module, object]:

@@ -183,7 +183,7 @@ class TextTask:
         """The peft adapter files in ``out_dir``; the final save with ``merge: true`` adds ``merged/``."""
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        with tempfile.TemporaryDirectory(prefix=".adapter-", dir=out_dir) as staging:
+        with tempfile.TemporaryDirectory(prefix=".adapter-", suffix=".tmp", dir=out_dir) as staging:
             self.peft_model.save_pretrained(staging)
             for name in ADAPTER_FILES:
                 with atomic_path(out_dir / name) as tmp:
