@@ -290,3 +290,15 @@ def test_pre_commit_step_puts_the_environment_on_path() -> None:
     assert all(repo["repo"] == "local" for repo in hooks["repos"])
     steps = [s for s in _steps(_load(WORKFLOWS / "validate.yml")) if "pre-commit run" in s.get("run", "")]
     assert steps and all(s["run"].startswith('PATH="$PWD/.venv/bin:$PATH" ') for s in steps)
+
+
+def test_readme_quick_start_is_two_commands_and_ci_runs_the_test_one() -> None:
+    """The README's quick start: one line runs the smoke on the built-in mock, one the tests, which .ci/run calls."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2, commands
+    main_job, tests = commands
+    assert main_job.startswith("bash ci/setup.sh") and main_job.endswith("lora-scripts smoke")
+    assert tests in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
