@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from lora_scripts import __version__
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(variable, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # peft still asks transformers 5.23+ for `is_gradient_checkpointing`, which warns on every run.
+    warnings.filterwarnings("ignore", message=r"`\w+` is deprecated and will be removed in v6", category=FutureWarning)
     module_name, function_name = args.handler.split(":")
     try:
         handler = getattr(importlib.import_module(module_name), function_name)

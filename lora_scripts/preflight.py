@@ -267,10 +267,9 @@ def _trace(step: Callable[[int], object], batch: int, segments: list[torch.nn.Mo
 
 def _checkpointed_segments(module: torch.nn.Module) -> list[torch.nn.Module]:
     """Turn gradient checkpointing on (the way training does) and return the blocks it recomputes."""
-    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
-        module.enable_gradient_checkpointing()
-    else:  # transformers / peft
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from lora_scripts.train.task import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(module)
     return [m for m in module.modules() if m is not module and getattr(m, "gradient_checkpointing", False) is True]
 
 

@@ -76,17 +76,32 @@ def load_sd_components(location: str, dtype: torch.dtype | None = None) -> SDCom
 
     dtype = dtype or torch.float32
     path = Path(location).expanduser()
-    if path.is_dir():
-        pipe = _load_folder(path, location, dtype)
-    elif path.exists():
-        pipe = _load_single_file(path, dtype)
-    elif path.is_absolute() or location.startswith((".", "~")) or location.endswith((".safetensors", ".ckpt")):
-        raise UserError(f"base_model: not found: {location}")
-    else:
-        pipe = _load_folder(
-            cached_snapshot(location, "base_model", "a local folder or .safetensors file"), location, dtype
-        )
+    with _no_loading_bar():
+        if path.is_dir():
+            pipe = _load_folder(path, location, dtype)
+        elif path.exists():
+            pipe = _load_single_file(path, dtype)
+        elif path.is_absolute() or location.startswith((".", "~")) or location.endswith((".safetensors", ".ckpt")):
+            raise UserError(f"base_model: not found: {location}")
+        else:
+            pipe = _load_folder(
+                cached_snapshot(location, "base_model", "a local folder or .safetensors file"), location, dtype
+            )
     return _components(pipe, location)
+
+
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """Without diffusers' "Loading pipeline components" bar, which breaks into the training progress output."""
+    from diffusers.utils import logging as diffusers_logging
+
+    enabled = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            diffusers_logging.enable_progress_bar()
 
 
 def build_pipeline(components: SDComponents) -> StableDiffusionPipeline:

@@ -13,7 +13,7 @@ import torch
 
 from lora_scripts.atomic import atomic_path
 from lora_scripts.config import Config
-from lora_scripts.train.task import RunInfo, weight_dtype
+from lora_scripts.train.task import RunInfo, enable_gradient_checkpointing, weight_dtype
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -146,9 +146,9 @@ class ImageTask:
             text_encoder = components.text_encoder if config.train_text_encoder else None
             apply_lora_weights(components.unet, text_encoder, load_lora_file(path), path)
         if config.gradient_checkpointing:
-            components.unet.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(components.unet)
             if config.train_text_encoder:
-                components.text_encoder.gradient_checkpointing_enable()
+                enable_gradient_checkpointing(components.text_encoder)
         self.components = components
         self._model = DenoisingLoss(components, config)
         self.items = self._prepare_items()

@@ -38,6 +38,17 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass, for a diffusers model or a transformers (or peft) one.
+
+    Non-reentrant checkpointing, so that LoRA weights behind frozen inputs still get their gradients.
+    """
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
+        module.enable_gradient_checkpointing()
+    else:  # transformers >= 5.23 (the name before it is deprecated)
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 class TrainingTask(Protocol):
     config: Config
 

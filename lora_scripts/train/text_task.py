@@ -20,7 +20,7 @@ from lora_scripts.atomic import atomic_path, write_text
 from lora_scripts.config import Config
 from lora_scripts.data.text import IGNORE_INDEX, Example, Record, build_examples, collate, read_records, split_records
 from lora_scripts.errors import UserError
-from lora_scripts.train.task import RunInfo, weight_dtype
+from lora_scripts.train.task import RunInfo, enable_gradient_checkpointing, weight_dtype
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -108,7 +108,7 @@ class TextTask:
 
         base = load_causal_lm(self.base_folder, self._where("base_model"), weight_dtype(accelerator.mixed_precision))
         if config.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(base)
             base.config.use_cache = False
         targets = resolve_target_modules(base, config.target_modules, self._where("target_modules"))
         lora = LoraConfig(
