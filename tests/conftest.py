@@ -86,3 +86,13 @@ def image_config(
         return write_config(name, **values)
 
     return make
+
+
+def kohya_metadata_of(output_dir: Path) -> dict[str, str]:
+    """The ss_* / modelspec.* header of the kohya file a run wrote into ``output_dir``."""
+    from safetensors import safe_open
+
+    from lora_scripts.export.kohya import KOHYA_WEIGHT_NAME
+
+    with safe_open(str(output_dir / KOHYA_WEIGHT_NAME), framework="pt") as handle:
+        return handle.metadata()

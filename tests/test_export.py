@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_scripts.config import Config
@@ -34,6 +33,8 @@ from lora_scripts.export.metadata import (
     kohya_metadata,
     tag_frequency,
 )
+
+from conftest import kohya_metadata_of
 
 LORA = SimpleNamespace(lora_rank=4, lora_alpha=6, lora_dropout=0.0, conv_lora_rank=2)
 
@@ -291,8 +292,7 @@ def test_not_a_lora_file(tmp_path):
 
 
 def test_metadata_in_header_all_strings(trained):
-    with safe_open(str(trained.kohya_file), framework="pt") as handle:
-        header = handle.metadata()
+    header = kohya_metadata_of(trained.out)
     assert all(isinstance(value, str) for value in header.values())
     assert header["ss_network_dim"] == "4"
     assert header["ss_network_alpha"] == "6"
@@ -406,8 +406,7 @@ def kohya_run(mock_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Simple
         "seed": 7,
     }
     result = train(Config(values, root / "run.yaml"), progress=False)
-    with safe_open(str(result.output_dir / KOHYA_WEIGHT_NAME), framework="pt") as handle:
-        header = handle.metadata()
+    header = kohya_metadata_of(result.output_dir)
     with open(result.output_dir / "logs" / "loss.csv", newline="") as handle:
         epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
     return SimpleNamespace(header=header, summary=result.summary, logged_epochs=epochs, data=data)

@@ -139,11 +139,10 @@ def test_trained_sd2_lora_is_labelled_sd2(
     """The kohya file of a run on an SD 2.x base says SD 2.x, with the prediction type of the model's scheduler."""
     import shutil
 
-    from safetensors import safe_open
-
     from lora_scripts.config import Config
-    from lora_scripts.export.kohya import KOHYA_WEIGHT_NAME
     from lora_scripts.train.loop import train
+
+    from conftest import kohya_metadata_of
 
     base = shutil.copytree(mock_sd2, tmp_path / "base", ignore=shutil.ignore_patterns(SINGLE_FILE))
     scheduler = base / "scheduler" / "scheduler_config.json"
@@ -157,8 +156,7 @@ def test_trained_sd2_lora_is_labelled_sd2(
         "max_train_steps": 2,
     }
     result = train(Config(values, tmp_path / "run.yaml"), progress=False)
-    with safe_open(str(result.output_dir / KOHYA_WEIGHT_NAME), framework="pt") as handle:
-        header = handle.metadata()
+    header = kohya_metadata_of(result.output_dir)
     assert header["ss_base_model_version"] == version
     assert header["ss_v2"] == "True"
     assert header["ss_v_parameterization"] == str(prediction_type == "v_prediction")
