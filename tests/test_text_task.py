@@ -336,3 +336,35 @@ def test_train_command_with_packing(mock_lm, data_dir, tmp_path):
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(mock_lm), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "expected"),
+    [
+        ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("qwen2", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("mistral", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("gpt2", {"c_attn", "c_proj", "c_fc"}),
+        ("gpt_neox", "all-linear"),  # a family without a known list: every linear layer
+    ],
+)
+def test_default_target_modules_fit_each_family(model_type, expected):
+    """`target_modules: auto` names layers that exist in that architecture, so peft finds what it was told."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_scripts.model.causal_lm import resolve_target_modules
+
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    if model_type == "gpt2":
+        sizes = {"n_embd": 32, "n_head": 4, "n_layer": 2}
+    config = AutoConfig.for_model(model_type, vocab_size=128, **sizes)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    targets = resolve_target_modules(model, "auto", "c.yaml: target_modules")
+    assert (set(targets) if isinstance(targets, list) else targets) == expected
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
+    adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    layers = expected if isinstance(expected, set) else {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    assert adapted == layers  # all-linear: every linear layer but the output head
