@@ -63,3 +63,24 @@ def test_smoke_fails_when_the_lora_changes_nothing(
     assert "lora_weights.safetensors:" not in err  # the keys themselves are fine
     out = tmp_path / "output" / "builtin-example"
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_weights.safetensors").is_file()
+
+
+def test_smoke_check_names_a_missing_file_and_a_key_that_maps_nowhere(image_config) -> None:
+    """The checks after training: a good run passes; a lost file or a forged kohya key is named."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_scripts.config import load_config
+    from lora_scripts.smoke import check_image_result
+    from lora_scripts.train.loop import train
+
+    config = load_config(image_config("checked", max_train_steps=3))
+    train(config, progress=False)
+    assert check_image_result(config) == []
+    kohya = config.path("output_dir") / "lora_weights.safetensors"
+    weights = load_file(str(kohya))
+    forged = next(key for key in weights if key.endswith(".lora_down.weight"))
+    save_file({**weights, "lora_unet_no_such_block_to_q.lora_down.weight": weights[forged].clone()}, str(kohya))
+    (problem,) = check_image_result(config)
+    assert problem.startswith("lora_weights.safetensors: ") and "lora_unet_no_such_block_to_q" in problem
+    kohya.unlink()
+    assert check_image_result(config) == ["lora_weights.safetensors missing"]
