@@ -302,3 +302,73 @@ def test_readme_quick_start_is_two_commands_and_ci_runs_the_test_one() -> None:
     main_job, tests = commands
     assert main_job.startswith("bash ci/setup.sh") and main_job.endswith("lora-scripts smoke")
     assert tests in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
+def _fake_gh(bin_dir: Path, release_exists: bool) -> Path:
+    """A `gh` stand-in that records its arguments; `gh release view` succeeds only when the release exists."""
+    log = bin_dir / "gh.log"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "gh").write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {log}\n'
+        f'[ "$1 $2" = "release view" ] && exit {0 if release_exists else 1}\nexit 0\n'
+    )
+    (bin_dir / "gh").chmod(0o755)
+    return log
+
+
+def test_release_upload_attaches_the_run_and_skips_without_a_release(tmp_path: Path) -> None:
+    out = tmp_path / "output"
+    (out / "logs").mkdir(parents=True)
+    (out / "checkpoint-5").mkdir()
+    for name in ("pytorch_lora_weights.safetensors", "lora_weights.safetensors", "loss.png", "training_summary.json"):
+        (out / name).write_text("x")
+    (out / "logs" / "loss.csv").write_text("step\n")
+
+    def upload(release_exists: bool) -> tuple[subprocess.CompletedProcess[str], str]:
+        bin_dir = tmp_path / f"bin-{release_exists}"
+        log = _fake_gh(bin_dir, release_exists)
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        script = str(ROOT / "ci" / "release_upload.sh")
+        done = subprocess.run(["bash", script, "my-style-v1.0.0", str(out)], env=env, capture_output=True, text=True)
+        return done, log.read_text() if log.exists() else ""
+
+    done, calls = upload(release_exists=True)
+    assert done.returncode == 0, done.stderr
+    (upload_call,) = [line for line in calls.splitlines() if line.startswith("release upload")]
+    assert upload_call.startswith("release upload my-style-v1.0.0 ") and upload_call.endswith(" --clobber")
+    attached = {Path(arg).relative_to(out).as_posix() for arg in upload_call.split()[3:-1]}
+    assert attached == {
+        "pytorch_lora_weights.safetensors",
+        "lora_weights.safetensors",
+        "loss.png",
+        "training_summary.json",
+        "logs/loss.csv",
+    }  # no checkpoint folders
+    done, calls = upload(release_exists=False)  # a manual run has no release to attach to
+    assert done.returncode == 0 and "::notice::no GitHub release named my-style-v1.0.0" in done.stdout
+    assert "release upload" not in calls
+
+
+def test_notify_prints_and_posts_the_result_to_the_webhook(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    received: list[bytes] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    env = {**os.environ, "NOTIFY_WEBHOOK_URL": f"http://127.0.0.1:{server.server_port}/hook"}
+    script = str(ROOT / "ci" / "notify.sh")
+    done = subprocess.run(["bash", script, "failure", 'job #3 "quoted"'], env=env, capture_output=True, text=True)
+    server.server_close()
+    assert done.returncode == 0 and done.stdout.strip() == 'lora-scripts: failure - job #3 "quoted"'
+    assert [json.loads(body) for body in received] == [{"text": 'lora-scripts: failure - job #3 "quoted"'}]
