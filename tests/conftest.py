@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -96,3 +97,18 @@ def kohya_metadata_of(output_dir: Path) -> dict[str, str]:
 
     with safe_open(str(output_dir / KOHYA_WEIGHT_NAME), framework="pt") as handle:
         return handle.metadata()
+
+
+def fake_hub_cache(root: Path, snapshots: dict[str, Path | None]) -> Path:
+    """An offline Hugging Face cache at ``root``: each repo id's snapshot holds a copy of its folder (or nothing)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for repo_id, folder in snapshots.items():
+        repo = root / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / ("0" * 40)
+        if folder is None:
+            snapshot.mkdir(parents=True)
+        else:
+            shutil.copytree(folder, snapshot)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text("0" * 40, encoding="utf-8")
+    return root

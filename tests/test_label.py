@@ -15,6 +15,8 @@ from PIL import Image
 from lora_scripts.cli import main as cli
 from lora_scripts.data.images import open_rgb, scan_dataset
 
+from conftest import fake_hub_cache
+
 LABELS = ["a painting", "a photo", "cyberpunk style", "ancient ink drawing", "a sketch"]
 
 
@@ -207,6 +209,18 @@ def test_model_missing_from_cache_says_what_to_download(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert "someone/not-cached-clip" in err and "hf download someone/not-cached-clip" in err
     assert not (tmp_path / "data" / "metadata.csv").exists()
+
+
+def test_model_by_hub_id_from_the_cache(clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    cache = fake_hub_cache(tmp_path / "hub", {"someone/tiny-clip": clip_dir})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    folder = tmp_path / "data"
+    names = make_images(folder, count=3)
+    assert cli(["label", str(folder), "--labels", *LABELS, "--model", "someone/tiny-clip"]) == 0
+    _, captions = read_metadata(folder)
+    assert captions == {name: top[0] for name, top in expected_top(clip_dir, folder, names, LABELS, 1).items()}
 
 
 def test_kohya_subfolders_are_labelled_under_their_relative_path(clip_dir: Path, tmp_path: Path) -> None:

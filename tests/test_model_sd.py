@@ -14,7 +14,7 @@ import torch
 from lora_scripts.errors import UserError
 from lora_scripts.model.stable_diffusion import SDComponents, build_pipeline, load_sd_components
 
-from conftest import run_cli
+from conftest import fake_hub_cache, run_cli
 
 
 def _unet_output(components: SDComponents) -> torch.Tensor:
@@ -174,6 +174,19 @@ def test_uncached_hub_id_says_what_to_download() -> None:
     with pytest.raises(UserError, match="not in the local Hugging Face cache") as info:
         load_sd_components(repo)
     assert f"hf download {repo}" in str(info.value)
+
+
+def test_cached_hub_id_loads_its_snapshot(
+    mock_sd: Path, from_folder: SDComponents, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    cache = fake_hub_cache(tmp_path / "hub", {"tester/mock-sd": mock_sd})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    cached = load_sd_components("tester/mock-sd")
+    assert cached.source == "tester/mock-sd"
+    expected, loaded = from_folder.unet.state_dict(), cached.unet.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
 
 
 def test_folder_without_model_index_is_rejected(tmp_path: Path) -> None:

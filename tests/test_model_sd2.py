@@ -15,6 +15,8 @@ from lora_scripts.model import stable_diffusion
 from lora_scripts.model.mock_sd import SINGLE_FILE, build_mock_sd, to_ldm_state_dict
 from lora_scripts.model.stable_diffusion import SDComponents, build_pipeline, load_sd_components, single_file_config
 
+from conftest import fake_hub_cache
+
 OPEN_CLIP = "cond_stage_model.model."
 SD2_CONTEXT_SHAPE = [320, 1024]  # input_blocks.1.1 ... attn2.to_k of every SD 2.x checkpoint
 
@@ -32,15 +34,13 @@ def clip_vocab_in_hub_cache(mock_sd2: Path, tmp_path: Path, monkeypatch: pytest.
     (the mock's merges, so the same on every machine)."""
     from huggingface_hub import constants
 
-    cache = tmp_path / "hub"
-    snapshot = cache / "models--openai--clip-vit-large-patch14" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / "merges.txt").write_bytes((mock_sd2 / "tokenizer" / "merges.txt").read_bytes())
-    (cache / "models--openai--clip-vit-large-patch14" / "refs").mkdir()
-    (cache / "models--openai--clip-vit-large-patch14" / "refs" / "main").write_text("0" * 40)
+    vocab = tmp_path / "clip-vocab"
+    vocab.mkdir()
+    (vocab / "merges.txt").write_bytes((mock_sd2 / "tokenizer" / "merges.txt").read_bytes())
+    cache = fake_hub_cache(tmp_path / "hub", {"openai/clip-vit-large-patch14": vocab})
     monkeypatch.setattr(stable_diffusion, "CLIP_VOCAB_FILES", (("lora-scripts-no-such-package", "none"),))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return snapshot / "merges.txt"
+    return cache / "models--openai--clip-vit-large-patch14" / "snapshots" / ("0" * 40) / "merges.txt"
 
 
 def _write_header_only(path: Path, shapes: dict[str, list[int]]) -> None:

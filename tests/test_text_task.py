@@ -22,6 +22,8 @@ from lora_scripts.model.mock_lm import build_mock_causal_lm
 from lora_scripts.train.task import RunInfo
 from lora_scripts.train.text_task import TextTask
 
+from conftest import fake_hub_cache
+
 PROBE = "The quick brown fox jumps over the lazy dog."
 
 
@@ -368,3 +370,19 @@ def test_default_target_modules_fit_each_family(model_type, expected):
     adapted = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
     layers = expected if isinstance(expected, set) else {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
     assert adapted == layers  # all-linear: every linear layer but the output head
+
+
+def test_base_model_by_hub_id_from_the_cache(mock_lm, data_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = fake_hub_cache(tmp_path / "hub", {"someone/tiny-llama": mock_lm})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    by_id = build_task(make_config(tmp_path, mock_lm, data_dir, base_model="someone/tiny-llama"))
+    by_folder = build_task(make_config(tmp_path, mock_lm, data_dir))
+    batch = by_folder.collate(by_folder.dataset()[:2])
+    by_id.model.eval()
+    by_folder.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_id.model.outputs(batch).logits, by_folder.model.outputs(batch).logits)
+    with pytest.raises(UserError, match=r"base_model: 'someone/not-cached' is not in the local Hugging Face cache"):
+        build_task(make_config(tmp_path, mock_lm, data_dir, base_model="someone/not-cached"))

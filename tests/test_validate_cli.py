@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, run_cli
+from conftest import REPO, fake_hub_cache, run_cli
 
 CORPUS = Path(__file__).with_name("broken_configs")
 MINIMAL = "train_data_dir: data\nbase_model: model\noutput_dir: out\n"
@@ -19,12 +19,7 @@ GOOD_RECORDS = {"train.jsonl": '{"text": "hello"}\n'}
 
 def hub_cache(root: Path, *repo_ids: str) -> dict[str, str]:
     """The environment of an offline Hugging Face cache at ``root`` holding a snapshot of each of ``repo_ids``."""
-    for repo_id in repo_ids:
-        repo = root / f"models--{repo_id.replace('/', '--')}"
-        (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text("0" * 40, encoding="utf-8")
-    root.mkdir(parents=True, exist_ok=True)
+    fake_hub_cache(root, dict.fromkeys(repo_ids))
     return {"HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1"}
 
 
