@@ -296,6 +296,35 @@ def test_every_image_option_trains_and_loads(image_config: Callable[..., Path]) 
     assert any(k.startswith("lora_te_") for k in keys) and any("resnets" in k for k in keys)
 
 
+def test_bf16_image_training_keeps_lora_in_fp32_and_loads(
+    image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 (the one mixed precision a CPU runs): frozen weights in bf16, LoRA trained and saved in fp32."""
+    from lora_scripts.smoke import check_image_result
+    from lora_scripts.train.image_task import ImageTask
+
+    built: list[ImageTask] = []
+    real_build = ImageTask.build
+
+    def build(self: ImageTask, accelerator: Any) -> None:
+        real_build(self, accelerator)
+        built.append(self)
+
+    monkeypatch.setattr(ImageTask, "build", build)
+    config = load_config(image_config("bf16", mixed_precision="bf16", max_train_steps=2, learning_rate=1e-2))
+    result = train(config, progress=False)
+    assert math.isfinite(result.final_loss)
+    unet = built[0].components.unet
+    dtypes = {
+        name.endswith(("lora_A.default.weight", "lora_B.default.weight")): p.dtype
+        for name, p in unet.named_parameters()
+    }
+    assert dtypes == {True: torch.float32, False: torch.bfloat16}
+    saved = load_file(str(config.path("output_dir") / "pytorch_lora_weights.safetensors"))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    assert check_image_result(config) == []
+
+
 @pytest.mark.parametrize("optimizer", ["AdamW", "SGD", "Lion", "Prodigy"])
 def test_each_optimizer_changes_the_weights(image_config: Callable[..., Path], optimizer: str) -> None:
     lr = 1.0 if optimizer == "Prodigy" else 1e-3
