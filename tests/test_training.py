@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import select
 import signal
 import subprocess
@@ -52,7 +53,9 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def test_train_writes_every_output(image_config: Callable[..., Path]) -> None:
-    path = image_config(validation_prompts=["a red circle"], sample_inference_steps=2, save_steps=2)
+    path = image_config(
+        validation_prompts=["a red circle"], sample_inference_steps=2, save_steps=2, logging_dir="tensorboard"
+    )
     result = run_cli("train", "--config", str(path))
     assert result.returncode == 0, result.stderr
     out = load_config(path).path("output_dir")
@@ -62,11 +65,19 @@ def test_train_writes_every_output(image_config: Callable[..., Path]) -> None:
     assert all(math.isfinite(loss) for _, loss in losses(out))
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "samples").glob("*.png"))
-    assert list((out / "logs").glob("events.out.tfevents.*"))
+    assert list((path.parent / "tensorboard").glob("events.out.tfevents.*"))  # logging_dir, relative to the config
+    rows = loss_rows(out)
+    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "elapsed"]
+    assert [row["epoch"] for row in rows] == ["1"] * 4  # 4 images, batch 1: one epoch
+    elapsed = [float(row["elapsed"]) for row in rows]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["steps"] == 4 and math.isfinite(summary["final_loss"]) and summary["samples_per_s"] > 0
-    assert "loss" in result.stderr and "4/4" in result.stderr  # the progress bar
+    assert summary["steps"] == 4 and summary["epochs"] == 1 and math.isfinite(summary["final_loss"])
+    assert summary["samples_per_s"] > 0 and summary["wall_time_s"] >= elapsed[-1] and summary["peak_memory_mb"] > 100
+    # the progress bar: steps done of all, time so far < ETA, speed, and the loss
+    assert re.search(r"4/4 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(step/s|s/step)", result.stderr), result.stderr[-500:]
+    assert "loss=" in result.stderr
 
 
 @pytest.mark.parametrize("stop_at", [1, 2], ids=["inside-epoch", "epoch-boundary"])
