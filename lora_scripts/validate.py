@@ -72,11 +72,10 @@ def _base_model_problem(config: Config) -> str:
     location = config.base_model_location()
     if Path(location).is_absolute():
         return "" if Path(location).exists() else f"base model not found: {value}"
-    from lora_scripts.model.hub_cache import cached_snapshot
+    from lora_scripts.model.hub_cache import LOCAL_BASE_MODEL, cached_snapshot
 
-    instead = "a local folder or .safetensors file" if config.mode == "image" else "a local folder"  # as training
     try:
-        cached_snapshot(location, "base_model", instead)
+        cached_snapshot(location, "base_model", LOCAL_BASE_MODEL[config.mode])
     except UserError as err:
         as_path = config.source.parent / value
         hub = str(err).removeprefix("base_model: ")  # the Problem names the key

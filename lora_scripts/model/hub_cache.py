@@ -6,8 +6,11 @@ from pathlib import Path
 
 from lora_scripts.errors import UserError
 
+# What else ``base_model`` may name in each mode, for the message when a Hub id is not cached.
+LOCAL_BASE_MODEL = {"image": "a local folder or .safetensors file", "text": "a local folder"}
 
-def cached_snapshot(repo_id: str, where: str, instead: str = "a local folder") -> Path:
+
+def cached_snapshot(repo_id: str, where: str, instead: str = LOCAL_BASE_MODEL["text"]) -> Path:
     """The cached snapshot folder of ``repo_id``; a UserError saying what to download when it is not cached.
 
     ``where`` names the file and key (or flag) at fault; ``instead`` says what else the user may point it at.

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_scripts.errors import UserError
-from lora_scripts.model.hub_cache import cached_snapshot
+from lora_scripts.model.hub_cache import LOCAL_BASE_MODEL, cached_snapshot
 
 if TYPE_CHECKING:
     import torch
@@ -84,9 +84,7 @@ def load_sd_components(location: str, dtype: torch.dtype | None = None) -> SDCom
         elif path.is_absolute() or location.startswith((".", "~")) or location.endswith((".safetensors", ".ckpt")):
             raise UserError(f"base_model: not found: {location}")
         else:
-            pipe = _load_folder(
-                cached_snapshot(location, "base_model", "a local folder or .safetensors file"), location, dtype
-            )
+            pipe = _load_folder(cached_snapshot(location, "base_model", LOCAL_BASE_MODEL["image"]), location, dtype)
     return _components(pipe, location)
 
 
