@@ -224,8 +224,8 @@ def _read_value(constructor: yaml.SafeLoader, node: yaml.Node, spec: dict[str, A
     if "array" in types and isinstance(node, yaml.SequenceNode):
         return [_read_value(constructor, item, spec.get("items", {})) for item in node.value]
     value = constructor.construct_object(node, deep=True)
-    if "number" in types and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-        return float(value)  # learning_rate: 2e-4 (a string to YAML 1.1)
+    if "number" in types and plain and isinstance(value, str) and _FLOAT_TEXT.match(value):
+        return float(value)  # learning_rate: 2e-4 (a string to YAML 1.1); quoted, it stays one, like batch_size: "4"
     if "integer" in types and isinstance(value, float) and value.is_integer():
         return int(value)  # lora_rank: 8.0 -> 8
     return value

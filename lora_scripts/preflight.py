@@ -108,6 +108,7 @@ def _meta_sd(config: Config) -> tuple[dict[str, torch.nn.Module], Callable[[int]
     from transformers import AutoConfig, AutoModel
 
     from lora_scripts.export.diffusers_format import add_image_lora
+    from lora_scripts.train.image_task import released_after_caching
 
     where = f"{config.source}: base_model"
     dtype = weight_dtype(config.mixed_precision)
@@ -121,7 +122,12 @@ def _meta_sd(config: Config) -> tuple[dict[str, torch.nn.Module], Callable[[int]
             raise UserError(
                 f"{where}: cannot read the model configs of {config.base_model_location()}: {str(err).splitlines()[0]}"
             ) from None
-    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    released = released_after_caching(config)  # freed before the first step: not part of its peak
+    modules = {
+        name: module
+        for name, module in {"unet": unet, "vae": vae, "text_encoder": text_encoder}.items()
+        if name not in released
+    }
     for module in modules.values():
         module.requires_grad_(False)
         if dtype != torch.float32:
@@ -363,6 +369,14 @@ def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
 
 
+def _freed_models(config: Config) -> str:
+    from lora_scripts.train.image_task import released_after_caching
+
+    names = {"vae": "VAE", "text_encoder": "text encoder"}
+    freed = [names[name] for name in names if name in released_after_caching(config)]
+    return f"; {' and '.join(freed)} freed after caching" if freed else ""
+
+
 def report(config: Config, est: Estimate, device: Device) -> tuple[list[str], bool]:
     """The lines preflight prints and whether the config fits."""
     precision = {"no": "fp32"}.get(config.mixed_precision, config.mixed_precision)
@@ -371,7 +385,7 @@ def report(config: Config, est: Estimate, device: Device) -> tuple[list[str], bo
     lines = [
         f"preflight: {config.source}",
         f"  base model weights   {_size(est.weight_bytes):>12}  "
-        f"({est.weight_params / 1e6:.1f}M parameters, {precision})",
+        f"({est.weight_params / 1e6:.1f}M parameters, {precision}{_freed_models(config)})",
         f"  {'LoRA + grads + ' + config.optimizer:<20} {_size(est.lora_bytes):>12}  "
         f"({est.lora_params / 1e6:.2f}M parameters)",
         f"  activations          {_size(est.activations(est.batch_size)):>12}  "

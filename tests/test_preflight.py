@@ -210,11 +210,15 @@ def sd1_header_only(path: Path) -> Path:
 
 
 def test_real_size_sd1_single_file_from_shipped_configs(tmp_path: Path) -> None:
-    config = config_for(sd1_header_only(tmp_path / "sd15.safetensors"), resolution=512, mixed_precision="fp16")
-    est = preflight.estimate(config, on_gpu=True)
+    values = {"resolution": 512, "mixed_precision": "fp16", "validation_prompts": ["a cat"]}
+    est = preflight.estimate(config_for(sd1_header_only(tmp_path / "sd15.safetensors"), **values), on_gpu=True)
     # SD 1.5: UNet 860M + VAE 84M + CLIP ViT-L text encoder 123M parameters, stored at 2 bytes each.
     assert 1.0e9 < est.weight_params < 1.1e9, est.weight_params
     assert est.weight_bytes == 2 * est.weight_params
+    # Without samples to draw, training frees the VAE and the frozen text encoder after caching: the UNet alone.
+    unet_only = preflight.estimate(config_for(tmp_path / "sd15.safetensors", resolution=512, mixed_precision="fp16"), True)
+    assert 0.85e9 < unet_only.weight_params < 0.87e9, unet_only.weight_params
+    assert unet_only.activations(1) == est.activations(1)
     # rank 8 (the default) on the UNet's attention projections (q, k, v, out of 32 attention layers): ~1.6M.
     assert 1.5e6 < est.lora_params < 1.7e6, est.lora_params
     # Batch 1 at 512 px in fp16 without checkpointing is known to fit in 8 GB GPUs with room to spare.

@@ -394,6 +394,45 @@ def test_cached_latents_and_captions_are_encoded_once(
     assert calls["vae"] == 8 and calls["text"] == 8
 
 
+@pytest.mark.parametrize(
+    ("overrides", "kept"),
+    [
+        ({}, set()),
+        ({"train_text_encoder": True}, {"text_encoder"}),
+        ({"validation_prompts": ["a red square"], "sample_inference_steps": 1}, {"vae", "text_encoder"}),
+        ({"cache_latents": False}, {"vae", "text_encoder"}),
+    ],
+)
+def test_frozen_models_are_freed_once_nothing_uses_them(
+    image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, overrides: dict[str, Any], kept: set[str]
+) -> None:
+    import gc
+    import weakref
+
+    from lora_scripts.model import stable_diffusion
+    from lora_scripts.train.image_task import DenoisingLoss
+
+    loaded: dict[str, weakref.ref] = {}
+    alive_at_steps: list[set[str]] = []
+    load, forward = stable_diffusion.load_sd_components, DenoisingLoss.forward
+
+    def recording_load(*args: Any, **kwargs: Any) -> stable_diffusion.SDComponents:
+        components = load(*args, **kwargs)
+        loaded.update(vae=weakref.ref(components.vae), text_encoder=weakref.ref(components.text_encoder))
+        return components
+
+    def recording_forward(self: DenoisingLoss, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        gc.collect()
+        alive_at_steps.append({name for name, ref in loaded.items() if ref() is not None})
+        return forward(self, batch)
+
+    monkeypatch.setattr(stable_diffusion, "load_sd_components", recording_load)
+    monkeypatch.setattr(DenoisingLoss, "forward", recording_forward)
+    result = train(load_config(image_config("freed", max_train_steps=2, **overrides)), progress=False)
+    assert alive_at_steps == [kept, kept]
+    assert all(path.is_file() for path in result.weights)
+
+
 def test_too_little_disk_space_fails_before_training(
     image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -60,11 +60,14 @@ NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "require
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion model that training and sampling use."""
+    """The parts of a Stable Diffusion model that training and sampling use.
+
+    ``vae`` and ``text_encoder`` are None once a training run that no longer needs them has freed them.
+    """
 
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    vae: AutoencoderKL | None
+    text_encoder: CLIPTextModel | None
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     source: str
@@ -106,6 +109,7 @@ def build_pipeline(components: SDComponents) -> StableDiffusionPipeline:
     """A sampling pipeline on the same modules (DDIM with the model's noise schedule; no safety checker)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    assert components.vae is not None and components.text_encoder is not None, "sampling needs every model"
     return StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
