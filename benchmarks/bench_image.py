@@ -7,7 +7,8 @@ peak RSS of `lora-scripts smoke`. The bare loop also loads the frozen models (VA
 and encodes one image and caption with them, as caching does, so its peak RSS is "the bare loop's
 plus the frozen models". Each run is a fresh process; ours and bare alternate over --rounds rounds
 and the medians are compared. Targets: ratio <= 1.05 (small) / 1.10 (tiny); our peak RSS <= the
-bare loop's; smoke < 15 s.
+bare loop's; smoke < 15 s. A last column, "bare+imports", runs the bare loop once more after importing
+every module our run had loaded: how much of the RSS difference is library code, not training memory.
 
     python benchmarks/bench_image.py [--steps 30]
 """
@@ -18,6 +19,7 @@ import argparse
 import csv
 import itertools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -78,18 +80,36 @@ def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> N
 
 
 RSS_WRAPPER = (
-    "import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+    "import os, resource, runpy, sys; sys.argv = sys.argv[1:]\n"
     "try:\n    runpy.run_module(sys.argv[0], run_name='__main__') if sys.argv[0] != '-c' else exec(sys.argv[1])\n"
     "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
     "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\n"
+    "if os.environ.get('BENCH_MODULES_OUT'):\n"
+    "    open(os.environ['BENCH_MODULES_OUT'], 'w').write('\\n'.join(sorted(sys.modules)))\n"
     "sys.exit(code)"
 )
 
 
-def run(args: list[str]) -> tuple[str, float, float]:
-    """Run ``python -m MODULE ARGS`` (or ``-c CODE``); return stdout, wall seconds and the child's peak RSS."""
+def import_all(listing: str) -> None:
+    """Import every module named in the file ``listing`` (one per line) that imports on its own."""
+    import contextlib
+    import importlib
+
+    for name in Path(listing).read_text().split():
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+
+
+def run(args: list[str], modules_out: Path | None = None) -> tuple[str, float, float]:
+    """Run ``python -m MODULE ARGS`` (or ``-c CODE``); return stdout, wall seconds and the child's peak RSS.
+
+    With ``modules_out``, the child lists the modules it had imported into that file as it ends.
+    """
+    env = {**os.environ, "BENCH_MODULES_OUT": str(modules_out)} if modules_out else None
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *args], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", RSS_WRAPPER, *args], capture_output=True, text=True, check=False, env=env
+    )
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"failed: {' '.join(args)}\n{proc.stderr[-2000:]}")
@@ -116,18 +136,22 @@ def ours(model_dir: Path, data_dir: Path, work: Path, steps: int, resolution: in
             }
         )
     )
-    _, _, rss = run(["lora_scripts", "train", "--config", str(config)])
+    _, _, rss = run(["lora_scripts", "train", "--config", str(config)], modules_out=work / "modules.txt")
     with open(out / "logs" / "loss.csv", newline="") as handle:
         elapsed = [float(row["elapsed"]) for row in csv.DictReader(handle)]
     # elapsed[i] is logged at the end of step i + 1, so the differences are the times of steps 2, 3, ...
     return [b - a for a, b in itertools.pairwise(elapsed)][WARMUP - 1 :], rss
 
 
-def bare(model_dir: Path, steps: int, resolution: int) -> tuple[list[float], float]:
-    """Per-step seconds of the bare loop in a fresh process, and its peak RSS."""
+def bare(model_dir: Path, steps: int, resolution: int, preload: Path | None = None) -> tuple[list[float], float]:
+    """Per-step seconds of the bare loop in a fresh process, and its peak RSS.
+
+    With ``preload`` (a module listing written by :func:`run`), the process first imports those modules.
+    """
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_image; "
-        f"bench_image.bare_loop({str(model_dir)!r}, {steps}, {resolution}, 1)"
+        + (f"bench_image.import_all({str(preload)!r}); " if preload else "")
+        + f"bench_image.bare_loop({str(model_dir)!r}, {steps}, {resolution}, 1)"
     )
     stdout, _, rss = run(["-c", code])
     return json.loads(stdout.strip().splitlines()[-1]), rss
@@ -148,7 +172,7 @@ def main() -> None:
     run(["lora_scripts", "dummy-data", str(data), "--count", "8", "--resolution", str(args.resolution)])
     print(
         f"{'model':<6} {'ours ms/step':>13} {'bare ms/step':>13} {'ratio':>6} {'target':>7}      "
-        f"{'ours RSS MiB':>13} {'bare RSS MiB':>13} RSS"
+        f"{'ours RSS MiB':>13} {'bare RSS MiB':>13} RSS  {'bare+imports':>12}"
     )
     for size, target in (("tiny", 1.10), ("small", 1.05)):
         model = work / f"mock-{size}"
@@ -160,13 +184,19 @@ def main() -> None:
             ours_times += times
             times, bare_rss = bare(model, args.steps, args.resolution)
             bare_times += times
+        _, imports_rss = bare(model, args.steps, args.resolution, preload=work / "modules.txt")
         ours_ms = statistics.median(ours_times) * 1000
         bare_ms = statistics.median(bare_times) * 1000
         ratio = ours_ms / bare_ms
         print(
             f"{size:<6} {ours_ms:>13.1f} {bare_ms:>13.1f} {ratio:>6.2f} {'<=' + str(target):>7}"
             f" {verdict(ratio <= target)} {ours_rss:>13.0f} {bare_rss:>13.0f} {verdict(ours_rss <= bare_rss)}"
+            f" {imports_rss:>12.0f}"
         )
+    print(
+        "bare+imports: the bare loop's peak RSS after importing every module `lora-scripts train` had loaded\n"
+        "(TensorBoard, jsonschema, Pillow plugins, ...): what ours would be if its only extra were library code."
+    )
     _, wall, rss = run(["lora_scripts", "smoke", "--work-dir", str(work / "smoke")])
     print(
         f"lora-scripts smoke (first run, builds mock + data): {wall:.1f} s wall, peak RSS {rss:.0f} MiB"
