@@ -216,7 +216,9 @@ def test_real_size_sd1_single_file_from_shipped_configs(tmp_path: Path) -> None:
     assert 1.0e9 < est.weight_params < 1.1e9, est.weight_params
     assert est.weight_bytes == 2 * est.weight_params
     # Without samples to draw, training frees the VAE and the frozen text encoder after caching: the UNet alone.
-    unet_only = preflight.estimate(config_for(tmp_path / "sd15.safetensors", resolution=512, mixed_precision="fp16"), True)
+    unet_only = preflight.estimate(
+        config_for(tmp_path / "sd15.safetensors", resolution=512, mixed_precision="fp16"), True
+    )
     assert 0.85e9 < unet_only.weight_params < 0.87e9, unet_only.weight_params
     assert unet_only.activations(1) == est.activations(1)
     # rank 8 (the default) on the UNet's attention projections (q, k, v, out of 32 attention layers): ~1.6M.
