@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from lora_scripts.errors import UserError
+from lora_scripts.model.hub_cache import names_a_path
 
 SCHEMA_NAME = "lora-config.schema.json"
 PATH_KEYS = ("train_data_dir", "metadata_path", "output_dir", "logging_dir", "resume_from", "init_lora_weights")
@@ -105,10 +106,7 @@ class Config:
         path = Path(value).expanduser()
         if not path.is_absolute():
             path = self.source.parent / path
-        looks_like_path = (
-            value.startswith((".", "/", "~")) or path.exists() or value.endswith((".safetensors", ".ckpt"))
-        )
-        return str(path.resolve()) if looks_like_path else value
+        return str(path.resolve()) if names_a_path(value) or path.exists() else value
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some values changed (used for smoke overrides and tests)."""

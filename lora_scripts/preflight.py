@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_scripts.config import Config, load_config
 from lora_scripts.errors import UserError
-from lora_scripts.model.hub_cache import LOCAL_BASE_MODEL, cached_snapshot
+from lora_scripts.model.hub_cache import LOCAL_BASE_MODEL, cached_snapshot, names_a_path
 from lora_scripts.train.task import weight_dtype
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def _sd_config_folder(location: str, where: str) -> Iterator[Path]:
             yield folder
         return
     if not path.exists():
-        if location.startswith((".", "/", "~")) or path.suffix.lower() in (".safetensors", ".ckpt"):
+        if names_a_path(location):
             raise UserError(f"{where}: not found: {location}")
         path = cached_snapshot(location, where, LOCAL_BASE_MODEL["image"])
     if not (path / "model_index.json").is_file():

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_scripts.errors import UserError
-from lora_scripts.model.hub_cache import cached_snapshot
+from lora_scripts.model.hub_cache import cached_snapshot, names_a_path
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +29,7 @@ FAMILY_TARGETS: dict[str, list[str]] = {
 def resolve_base_model(location: str, where: str) -> Path:
     """The local folder of ``location``: the folder itself, or the cached snapshot of a Hub id."""
     path = Path(location)
-    if path.is_absolute() or location.startswith((".", "~")):
+    if names_a_path(location):
         if not path.is_dir():
             raise UserError(f"{where}: folder not found: {location}")
     else:

@@ -8,6 +8,13 @@ from lora_scripts.errors import UserError
 
 # What else ``base_model`` may name in each mode, for the message when a Hub id is not cached.
 LOCAL_BASE_MODEL = {"image": "a local folder or .safetensors file", "text": "a local folder"}
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def names_a_path(location: str) -> bool:
+    """Whether a ``base_model`` value is written as a path, not a Hub id: it starts with ``.``, ``/`` or ``~``,
+    or names a checkpoint file. Such a value is never looked up in the Hub cache, even when nothing is there."""
+    return location.startswith((".", "/", "~")) or location.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
 def cached_snapshot(repo_id: str, where: str, instead: str = LOCAL_BASE_MODEL["text"]) -> Path:

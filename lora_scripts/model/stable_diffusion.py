@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_scripts.errors import UserError
-from lora_scripts.model.hub_cache import LOCAL_BASE_MODEL, cached_snapshot
+from lora_scripts.model.hub_cache import LOCAL_BASE_MODEL, cached_snapshot, names_a_path
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ def load_sd_components(location: str, dtype: torch.dtype | None = None) -> SDCom
             pipe = _load_folder(path, location, dtype)
         elif path.exists():
             pipe = _load_single_file(path, dtype)
-        elif path.is_absolute() or location.startswith((".", "~")) or location.endswith((".safetensors", ".ckpt")):
+        elif names_a_path(location):
             raise UserError(f"base_model: not found: {location}")
         else:
             pipe = _load_folder(cached_snapshot(location, "base_model", LOCAL_BASE_MODEL["image"]), location, dtype)
