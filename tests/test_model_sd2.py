@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,7 @@ def test_training_loss_follows_the_loaded_v_prediction(mock_sd2: Path) -> None:
 )
 def test_trained_sd2_lora_is_labelled_sd2(
     mock_sd2: Path,
-    image_data: Path,
+    image_config: Callable[..., Path],
     tmp_path: Path,
     prediction_type: str,
     version: str,
@@ -139,7 +140,7 @@ def test_trained_sd2_lora_is_labelled_sd2(
     """The kohya file of a run on an SD 2.x base says SD 2.x, with the prediction type of the model's scheduler."""
     import shutil
 
-    from lora_scripts.config import Config
+    from lora_scripts.config import load_config
     from lora_scripts.train.loop import train
 
     from conftest import kohya_metadata_of
@@ -147,15 +148,7 @@ def test_trained_sd2_lora_is_labelled_sd2(
     base = shutil.copytree(mock_sd2, tmp_path / "base", ignore=shutil.ignore_patterns(SINGLE_FILE))
     scheduler = base / "scheduler" / "scheduler_config.json"
     scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": prediction_type}))
-    values = {
-        "train_data_dir": str(image_data),
-        "base_model": str(base),
-        "output_dir": str(tmp_path / "out"),
-        "resolution": 64,
-        "batch_size": 1,
-        "max_train_steps": 2,
-    }
-    result = train(Config(values, tmp_path / "run.yaml"), progress=False)
+    result = train(load_config(image_config("sd2", base_model=str(base), max_train_steps=2)), progress=False)
     header = kohya_metadata_of(result.output_dir)
     assert header["ss_base_model_version"] == version
     assert header["ss_v2"] == "True"
