@@ -16,8 +16,6 @@ every module our run had loaded: how much of the RSS difference is library code,
 from __future__ import annotations
 
 import argparse
-import csv
-import itertools
 import json
 import os
 import shutil
@@ -29,8 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
-
-WARMUP = 3  # steps left out at the start of every run (first calls, allocator warm-up)
+from timing import run_step_times, step_times
 
 
 def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> None:
@@ -65,9 +62,8 @@ def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> N
             return_tensors="pt",
         ).input_ids
         embeddings = c.text_encoder(ids)[0]
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch_size,))
         noisy = c.noise_scheduler.add_noise(latents, noise, t)
@@ -75,8 +71,8 @@ def bare_loop(model_dir: str, steps: int, resolution: int, batch_size: int) -> N
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    print(json.dumps(times[WARMUP:]))
+
+    print(json.dumps(step_times(step, steps)))
 
 
 RSS_WRAPPER = (
@@ -137,10 +133,7 @@ def ours(model_dir: Path, data_dir: Path, work: Path, steps: int, resolution: in
         )
     )
     _, _, rss = run(["lora_scripts", "train", "--config", str(config)], modules_out=work / "modules.txt")
-    with open(out / "logs" / "loss.csv", newline="") as handle:
-        elapsed = [float(row["elapsed"]) for row in csv.DictReader(handle)]
-    # elapsed[i] is logged at the end of step i + 1, so the differences are the times of steps 2, 3, ...
-    return [b - a for a, b in itertools.pairwise(elapsed)][WARMUP - 1 :], rss
+    return run_step_times(out), rss
 
 
 def bare(model_dir: Path, steps: int, resolution: int, preload: Path | None = None) -> tuple[list[float], float]:

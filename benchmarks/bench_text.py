@@ -18,19 +18,17 @@ Target: task/bare and loop/bare within 1.10x.
 from __future__ import annotations
 
 import argparse
-import csv
-import itertools
 import json
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import WARMUP, run_step_times, step_times
 
 from lora_scripts.config import Config
 from lora_scripts.model.mock_lm import build_mock_causal_lm
@@ -38,7 +36,6 @@ from lora_scripts.train.text_task import TextTask
 
 TARGET = 1.10
 ROUNDS = 3
-WARMUP = 3
 
 
 def write_data(folder: Path, count: int) -> Path:
@@ -47,15 +44,6 @@ def write_data(folder: Path, count: int) -> Path:
     line = "The weather today is sunny with a light breeze; tomorrow it may rain in the afternoon. " * 40
     (folder / "long.jsonl").write_text("".join(json.dumps({"text": f"{i} {line}"}) + "\n" for i in range(count)))
     return folder
-
-
-def step_times(step: Callable[[], None], steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times[WARMUP:]
 
 
 def training_step(forward: Callable[[], torch.Tensor], params: list[torch.nn.Parameter]) -> Callable[[], None]:
@@ -101,9 +89,7 @@ def through_loop(config: Config, work: Path, steps: int) -> list[float]:
     )
     if proc.returncode:
         sys.exit(f"lora-scripts train failed:\n{proc.stderr[-2000:]}")
-    with open(work / "out" / "logs" / "loss.csv", newline="") as handle:
-        elapsed = [float(row["elapsed"]) for row in csv.DictReader(handle)]
-    return [b - a for a, b in itertools.pairwise(elapsed)][WARMUP - 1 :]  # differences start at step 2
+    return run_step_times(work / "out")
 
 
 def main() -> None:
