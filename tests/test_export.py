@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import os
 import string
@@ -33,6 +32,7 @@ from lora_scripts.export.metadata import (
     kohya_metadata,
     tag_frequency,
 )
+from lora_scripts.train.logs import read_loss_csv
 
 from conftest import kohya_metadata_of
 
@@ -407,8 +407,7 @@ def kohya_run(mock_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Simple
     }
     result = train(Config(values, root / "run.yaml"), progress=False)
     header = kohya_metadata_of(result.output_dir)
-    with open(result.output_dir / "logs" / "loss.csv", newline="") as handle:
-        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
+    epochs = [int(row["epoch"]) for row in read_loss_csv(result.output_dir / "logs" / "loss.csv")]
     return SimpleNamespace(header=header, summary=result.summary, logged_epochs=epochs, data=data)
 
 

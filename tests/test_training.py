@@ -3,7 +3,6 @@ exact resume, checkpoints, signals, NaN guard, lr schedule, samples, init weight
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from lora_scripts.config import Config, load_config
 from lora_scripts.errors import UserError
 from lora_scripts.train.checkpoint import list_checkpoints
+from lora_scripts.train.logs import read_loss_csv
 from lora_scripts.train.loop import TrainingStopped, train
 
 from conftest import REPO, run_cli
@@ -34,8 +34,7 @@ def weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def loss_rows(output_dir: Path) -> list[dict[str, str]]:
-    with open(output_dir / "logs" / "loss.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
+    return read_loss_csv(output_dir / "logs" / "loss.csv")
 
 
 def losses(output_dir: Path) -> list[tuple[int, float]]:
