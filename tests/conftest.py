@@ -6,12 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,3 +115,12 @@ def fake_hub_cache(root: Path, snapshots: dict[str, Path | None]) -> Path:
         (repo / "refs").mkdir(exist_ok=True)
         (repo / "refs" / "main").write_text("0" * 40, encoding="utf-8")
     return root
+
+
+def assert_same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], what: str = "weights") -> None:
+    """Two state dicts hold the same keys and bit-identical tensors."""
+    import torch
+
+    assert a.keys() == b.keys(), f"{what}: the keys differ"
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"

@@ -14,7 +14,7 @@ import torch
 from lora_scripts.errors import UserError
 from lora_scripts.model.stable_diffusion import SDComponents, build_pipeline, load_sd_components
 
-from conftest import fake_hub_cache, run_cli
+from conftest import assert_same_weights, fake_hub_cache, run_cli
 
 
 def _unet_output(components: SDComponents) -> torch.Tensor:
@@ -50,10 +50,7 @@ def test_single_file_loads_the_same_weights(from_folder: SDComponents, mock_sd: 
     # buffers at other alignments (memory-mapped folder files against converted single-file tensors).
     torch.testing.assert_close(_unet_output(single), _unet_output(from_folder), rtol=1e-5, atol=1e-5)
     for name in ("unet", "vae", "text_encoder"):
-        expected = getattr(from_folder, name).state_dict()
-        loaded = getattr(single, name).state_dict()
-        assert loaded.keys() == expected.keys()
-        assert all(torch.equal(loaded[key], expected[key]) for key in expected), name
+        assert_same_weights(getattr(single, name).state_dict(), getattr(from_folder, name).state_dict(), name)
     text = "a photo of a cat, studio lighting"
     assert single.tokenizer(text).input_ids == from_folder.tokenizer(text).input_ids
     assert single.noise_scheduler.config.prediction_type == "epsilon"
@@ -185,8 +182,7 @@ def test_cached_hub_id_loads_its_snapshot(
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     cached = load_sd_components("tester/mock-sd")
     assert cached.source == "tester/mock-sd"
-    expected, loaded = from_folder.unet.state_dict(), cached.unet.state_dict()
-    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert_same_weights(cached.unet.state_dict(), from_folder.unet.state_dict(), "unet")
 
 
 def test_folder_without_model_index_is_rejected(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from lora_scripts.model import stable_diffusion
 from lora_scripts.model.mock_sd import SINGLE_FILE, build_mock_sd, to_ldm_state_dict
 from lora_scripts.model.stable_diffusion import SDComponents, build_pipeline, load_sd_components, single_file_config
 
-from conftest import fake_hub_cache
+from conftest import assert_same_weights, fake_hub_cache
 
 OPEN_CLIP = "cond_stage_model.model."
 SD2_CONTEXT_SHAPE = [320, 1024]  # input_blocks.1.1 ... attn2.to_k of every SD 2.x checkpoint
@@ -87,9 +87,7 @@ def test_sd2_single_file_loads_the_same_weights_with_v_prediction(mock_sd2: Path
     folder = load_sd_components(str(mock_sd2))
     single = load_sd_components(str(mock_sd2 / SINGLE_FILE))
     for name in ("unet", "vae", "text_encoder"):
-        expected, loaded = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
-        assert loaded.keys() == expected.keys(), name
-        assert all(torch.equal(loaded[key], expected[key]) for key in expected), name
+        assert_same_weights(getattr(single, name).state_dict(), getattr(folder, name).state_dict(), name)
     tokens = single.tokenizer("a photo of a cat", return_tensors="pt").input_ids
     assert torch.equal(single.text_encoder(tokens)[0], folder.text_encoder(tokens)[0])
     # What the trainer's DenoisingLoss reads to pick the velocity target.

@@ -22,7 +22,7 @@ from lora_scripts.model.mock_lm import build_mock_causal_lm
 from lora_scripts.train.task import RunInfo
 from lora_scripts.train.text_task import TextTask
 
-from conftest import fake_hub_cache
+from conftest import assert_same_weights, fake_hub_cache
 
 PROBE = "The quick brown fox jumps over the lazy dog."
 
@@ -315,8 +315,7 @@ def test_train_command_and_exact_resume_in_text_mode(mock_lm, data_dir, tmp_path
     train(split.replace(resume_from="latest"), progress=False)
     assert not killed_save.exists()  # swept away as a stale temporary when the run starts
     resumed = load_file(tmp_path / "split" / "adapter_model.safetensors")
-    assert resumed.keys() == final.keys()
-    assert all(torch.equal(resumed[key], final[key]) for key in final)
+    assert_same_weights(resumed, final)
 
 
 def test_train_command_with_packing(mock_lm, data_dir, tmp_path):

@@ -26,7 +26,7 @@ from lora_scripts.train.checkpoint import list_checkpoints
 from lora_scripts.train.logs import read_loss_csv
 from lora_scripts.train.loop import TrainingStopped, train
 
-from conftest import REPO, run_cli
+from conftest import REPO, assert_same_weights, run_cli
 
 
 def weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -43,12 +43,6 @@ def losses(output_dir: Path) -> list[tuple[int, float]]:
 
 def lrs(output_dir: Path) -> list[float]:
     return [float(row["lr"]) for row in loss_rows(output_dir)]
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
 def test_train_writes_every_output(image_config: Callable[..., Path]) -> None:
