@@ -41,6 +41,19 @@ def loss_of(mock_sd: Path, prediction_type: str, batch: int = 1, **values: objec
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_target_is_the_noise_or_the_velocity(mock_sd: Path, prediction_type: str) -> None:
+    loss, model = loss_of(mock_sd, prediction_type, batch=4)
+    ((noisy, timesteps),) = model.unet.calls
+    alpha_bar = model.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    latents = torch.full_like(noisy, 0.5)
+    noise = (noisy - alpha_bar.sqrt() * latents) / (1 - alpha_bar).sqrt()
+    # v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0 (Salimans & Ho 2022); a zero prediction leaves target^2.
+    velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    target = velocity if prediction_type == "v_prediction" else noise
+    assert loss == pytest.approx(float((target**2).mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weight_is_the_clamped_snr_over_its_denominator(mock_sd: Path, prediction_type: str) -> None:
     plain, model = loss_of(mock_sd, prediction_type)
     weighted, _ = loss_of(mock_sd, prediction_type, min_snr_gamma=5.0)  # same seed: same noise and timestep
