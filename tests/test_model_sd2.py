@@ -1,5 +1,6 @@
 """SD 2.x single files: the OpenCLIP text-encoder layout end to end (tiny mock), the shipped SD 2.x configs against a
-full-size SD 2.x header (shapes only), 768-v / 512-base selection, and the missing CLIP vocabulary error."""
+full-size SD 2.x header (shapes only), 768-v / 512-base selection, and the missing CLIP vocabulary error; the shipped
+SD 1.x configs against diffusers' conversion of the original v1-inference.yaml."""
 
 from __future__ import annotations
 
@@ -337,3 +338,80 @@ def test_clip_vocab_from_the_installed_open_clip_package(monkeypatch: pytest.Mon
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+# The parts of CompVis' configs/stable-diffusion/v1-inference.yaml that decide the diffusers configs of an SD 1.x file.
+V1_INFERENCE = {
+    "model": {
+        "params": {
+            "linear_start": 0.00085,
+            "linear_end": 0.0120,
+            "timesteps": 1000,
+            "scale_factor": 0.18215,
+            "unet_config": {
+                "params": {
+                    "in_channels": 4,
+                    "out_channels": 4,
+                    "model_channels": 320,
+                    "attention_resolutions": [4, 2, 1],
+                    "num_res_blocks": 2,
+                    "channel_mult": [1, 2, 4, 4],
+                    "num_heads": 8,
+                    "transformer_depth": 1,
+                    "context_dim": 768,
+                }
+            },
+            "first_stage_config": {
+                "params": {
+                    "ddconfig": {
+                        "z_channels": 4,
+                        "in_channels": 3,
+                        "out_ch": 3,
+                        "ch": 128,
+                        "ch_mult": [1, 2, 4, 4],
+                        "num_res_blocks": 2,
+                    }
+                }
+            },
+        }
+    }
+}
+
+
+def test_shipped_sd1_configs_are_what_diffusers_derives_from_v1_inference_yaml(
+    clip_vocab_in_hub_cache: Path, tmp_path: Path
+) -> None:
+    """What the shapes of a checkpoint cannot show (head count, noise schedule, VAE scaling, sample size) matches
+    diffusers' own conversion of the original SD 1.x config, as from_single_file would do with that yaml."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+    from transformers import CLIPTextConfig
+
+    checkpoint = {stable_diffusion.CONTEXT_KEY: torch.empty(320, 768, device="meta")}
+    with single_file_config(_context_only(tmp_path / "v1-5-pruned.safetensors", width=768)) as folder:
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        text = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+    for model, derived in (
+        (unet, create_unet_diffusers_config_from_ldm(V1_INFERENCE, checkpoint)),
+        (vae, create_vae_diffusers_config_from_ldm(V1_INFERENCE, checkpoint)),
+    ):
+        shipped = {key: model.config[key] for key in derived}
+        assert shipped == derived
+    params = V1_INFERENCE["model"]["params"]
+    assert (scheduler.config.beta_start, scheduler.config.beta_end) == (params["linear_start"], params["linear_end"])
+    assert scheduler.config.beta_schedule == "scaled_linear" and scheduler.config.prediction_type == "epsilon"
+    assert scheduler.config.num_train_timesteps == params["timesteps"]
+    # FrozenCLIPEmbedder: the text model of openai/clip-vit-large-patch14.
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.hidden_act) == (
+        768,
+        12,
+        12,
+        "quick_gelu",
+    )
