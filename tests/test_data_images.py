@@ -301,9 +301,13 @@ def test_dummy_data_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert cli(["dummy-data", str(tmp_path / "out"), "--count", "4", "--resolution", "32"]) == 0
     printed = capsys.readouterr().out.split()
     assert len(printed) == 5 and all(Path(p).is_file() for p in printed)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"img_00{i}.png" for i in range(4)] + [
-        "metadata.csv"
-    ]
+    names = [f"img_00{i}.png" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [*names, "metadata.csv"]
+    for name in names:  # the shorter side is the resolution asked for, whatever the aspect ratio
+        with Image.open(tmp_path / "out" / name) as img:
+            assert min(img.size) == 32, (name, img.size)
+    rows = (tmp_path / "out" / "metadata.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "file_name,prompt" and [row.split(",")[0] for row in rows[1:]] == names
 
 
 def test_find_examples_returns_problems_instead_of_raising(tmp_path: Path, write_config: Callable[..., Path]) -> None:

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import string
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_scripts.config import Config
+import lora_scripts
+from lora_scripts.config import Config, load_config
 from lora_scripts.errors import UserError
 from lora_scripts.export.diffusers_format import DIFFUSERS_WEIGHT_NAME, add_image_lora, save_diffusers_lora
 from lora_scripts.export.kohya import (
@@ -34,7 +36,7 @@ from lora_scripts.export.metadata import (
 )
 from lora_scripts.train.logs import read_loss_csv
 
-from conftest import kohya_metadata_of
+from conftest import REPO, kohya_metadata_of
 
 LORA = SimpleNamespace(lora_rank=4, lora_alpha=6, lora_dropout=0.0, conv_lora_rank=2)
 
@@ -131,7 +133,7 @@ def trained(base, tmp_path_factory):
             if ".lora_" in name:
                 param.normal_(0, 0.3)
     out = tmp_path_factory.mktemp("output")
-    values = {"train_data_dir": "data", "base_model": "mock", "output_dir": "out", **vars(LORA)}
+    values = {"train_data_dir": "data", "base_model": "mock", "output_dir": "out", "epochs": 3, **vars(LORA)}
     config = Config(values, out / "c.yaml")
     metadata = kohya_metadata(
         config,
@@ -297,6 +299,7 @@ def test_metadata_in_header_all_strings(trained):
     assert header["ss_network_dim"] == "4"
     assert header["ss_network_alpha"] == "6"
     assert header["ss_steps"] == "5"
+    assert (header["ss_epoch"], header["ss_num_epochs"]) == ("1", "3")
     assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert json.loads(header["ss_tag_frequency"]) == {"data": {"cat": 2, "red": 1}}
     assert header["lora_scripts.dataset_fingerprint"] == "f" * 64
@@ -400,7 +403,7 @@ def kohya_run(mock_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Simple
         "output_dir": str(root / "out"),
         "resolution": 64,
         "lora_rank": 4,
-        "lora_alpha": 4,
+        "lora_alpha": 8,
         "batch_size": 1,
         "max_train_steps": 10,
         "seed": 7,
@@ -408,7 +411,7 @@ def kohya_run(mock_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Simple
     result = train(Config(values, root / "run.yaml"), progress=False)
     header = kohya_metadata_of(result.output_dir)
     epochs = [int(row["epoch"]) for row in read_loss_csv(result.output_dir / "logs" / "loss.csv")]
-    return SimpleNamespace(header=header, summary=result.summary, logged_epochs=epochs, data=data)
+    return SimpleNamespace(header=header, summary=result.summary, logged_epochs=epochs, data=data, values=values)
 
 
 def test_trained_file_counts_epochs_from_one(kohya_run: SimpleNamespace) -> None:
@@ -441,6 +444,33 @@ def test_trained_sd1_file_is_labelled_sd1_epsilon(kohya_run: SimpleNamespace) ->
     )
     assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert header["modelspec.prediction_type"] == "epsilon"
+
+
+def test_trained_file_names_its_inputs(kohya_run: SimpleNamespace) -> None:
+    """Base model, resolution, LoRA shape and step budget as the config gave them; the version that trained it."""
+    header, values = kohya_run.header, kohya_run.values
+    assert header["ss_sd_model_name"] == Path(values["base_model"]).name == "mock-sd"
+    assert header["lora_scripts.base_model"] == values["base_model"]
+    assert header["ss_resolution"] == "(64, 64)"
+    assert header["modelspec.resolution"] == "64x64"
+    assert (header["ss_network_dim"], header["ss_network_alpha"]) == ("4", "8")
+    assert header["ss_max_train_steps"] == "10"
+    assert header["lora_scripts.version"] == lora_scripts.__version__
+    assert header["lora_scripts.git_commit"] == git_commit()
+    if (REPO / ".git").exists() and Path(lora_scripts.__file__).resolve().parent == REPO / "lora_scripts":
+        assert header["lora_scripts.git_commit"] == _git(REPO, "rev-parse", "HEAD")  # run from this checkout
+
+
+def test_trained_file_config_hash_identifies_the_config(
+    kohya_run: SimpleNamespace, write_config: Callable[..., Path]
+) -> None:
+    """The same settings in another file (keys reordered, a default spelt out) give the header's hash; one
+    changed setting does not."""
+    reordered = dict(reversed(kohya_run.values.items()))
+    same = load_config(write_config("same", **reordered, epochs=1, lora_dropout=0.0))
+    assert config_hash(same) == kohya_run.header["lora_scripts.config_hash"]
+    other = load_config(write_config("other", **{**reordered, "seed": 8}))
+    assert config_hash(other) != kohya_run.header["lora_scripts.config_hash"]
 
 
 def test_dataset_dirs_outside_any_subfolder(tmp_path: Path) -> None:
