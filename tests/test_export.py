@@ -133,12 +133,13 @@ def trained(base, tmp_path_factory):
             if ".lora_" in name:
                 param.normal_(0, 0.3)
     out = tmp_path_factory.mktemp("output")
-    values = {"train_data_dir": "data", "base_model": "mock", "output_dir": "out", "epochs": 3, **vars(LORA)}
+    values = {"train_data_dir": "data", "base_model": "mock", "output_dir": "out", **vars(LORA)}
     config = Config(values, out / "c.yaml")
     metadata = kohya_metadata(
         config,
         step=5,
         epoch=1,
+        num_epochs=3,
         base_model="mock-sd",
         dataset_fingerprint="f" * 64,
         dataset_dirs={"data": DatasetDir(1, ["cat, red", "cat"])},
@@ -340,6 +341,7 @@ def test_metadata_names_the_base_model_family(
         config,
         step=1,
         epoch=1,
+        num_epochs=1,
         base_model="m",
         dataset_fingerprint="",
         dataset_dirs={},
@@ -418,6 +420,7 @@ def test_trained_file_counts_epochs_from_one(kohya_run: SimpleNamespace) -> None
     assert kohya_run.summary["epochs"] == 2
     assert kohya_run.logged_epochs[-1] == 2
     assert kohya_run.header["ss_epoch"] == "2"
+    assert kohya_run.header["ss_num_epochs"] == "2"  # what max_train_steps makes of the default epochs: 1
     assert kohya_run.header["ss_steps"] == "10"
 
 

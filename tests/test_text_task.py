@@ -94,7 +94,7 @@ def trained(tmp_path_factory, mock_lm, data_dir):
     task = build_task(config)
     losses = train_steps(task, 8)
     adapter = root / "adapter"
-    written = task.save_weights(adapter, RunInfo(step=8, epoch=0, total_steps=8))
+    written = task.save_weights(adapter, RunInfo(step=8, epoch=0, total_epochs=1))
     return types.SimpleNamespace(task=task, losses=losses, adapter=adapter, written=written, root=root)
 
 
@@ -216,7 +216,7 @@ def test_merge_writes_a_full_model_equal_to_base_plus_adapter(trained, mock_lm):
     task = trained.task
     task.config = task.config.replace(merge=True)
     out = task.config.path("output_dir")
-    written = task.save_weights(out, RunInfo(step=8, epoch=0, total_steps=8, final=True))
+    written = task.save_weights(out, RunInfo(step=8, epoch=0, total_epochs=1, final=True))
     assert out / "merged" in written
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -117,6 +117,7 @@ def kohya_metadata(
     *,
     step: int,
     epoch: int,
+    num_epochs: int,
     base_model: str,
     dataset_fingerprint: str,
     dataset_dirs: Mapping[str, DatasetDir],
@@ -127,7 +128,8 @@ def kohya_metadata(
     """The header of ``lora_weights.safetensors``: ``ss_*`` (what A1111 / ComfyUI extensions show) and
     ``modelspec.*`` keys, plus ``lora_scripts.*`` traceability keys.
 
-    ``epoch`` counts from 1, as ``loss.csv`` and ``training_summary.json`` do. ``v2``: the base model is SD 2.x
+    ``epoch`` counts from 1, as ``loss.csv`` and ``training_summary.json`` do; ``num_epochs`` is how many the run
+    goes through. ``v2``: the base model is SD 2.x
     (else SD 1.x); ``v_prediction``: it predicts velocity (else noise). ``dataset_dirs`` as from
     :func:`dataset_dirs`. ``extra`` entries are added last and win; non-string values become JSON.
     """
@@ -156,7 +158,7 @@ def kohya_metadata(
         "ss_enable_bucket": config.bucket,
         "ss_steps": step,
         "ss_epoch": epoch,
-        "ss_num_epochs": config.epochs,
+        "ss_num_epochs": num_epochs,
         "ss_max_train_steps": config.max_train_steps,
         "ss_learning_rate": config.learning_rate,
         "ss_lr_scheduler": config.scheduler,

@@ -252,6 +252,7 @@ class ImageTask:
             self.config,
             step=info.step,
             epoch=info.epoch + 1,  # RunInfo counts from 0, loss.csv and training_summary.json from 1
+            num_epochs=info.total_epochs,
             base_model=self.config.base_model,
             dataset_fingerprint=dataset_fingerprint([(e.path, e.caption) for e in self.examples]),
             dataset_dirs=dataset_dirs(self.examples, data_dir),

@@ -241,7 +241,7 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
         }
 
     def info(loss: float | None, final: bool = False) -> RunInfo:
-        return RunInfo(step=position.step, epoch=position.epoch, total_steps=total_steps, loss=loss, final=final)
+        return RunInfo(position.step, position.epoch, math.ceil(total_steps / updates_per_epoch), loss, final)
 
     def checkpoint(loss: float | None) -> Path | None:
         accelerator.wait_for_everyone()

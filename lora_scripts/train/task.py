@@ -24,7 +24,7 @@ class RunInfo:
 
     step: int
     epoch: int
-    total_steps: int
+    total_epochs: int  # the epochs the whole run goes through (max_train_steps, when set, decides)
     loss: float | None = None
     final: bool = False  # the end-of-run save into output_dir (not a checkpoint)
     extra: dict[str, Any] = field(default_factory=dict)
