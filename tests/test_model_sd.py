@@ -6,7 +6,11 @@ import hashlib
 import json
 import pickle
 import shutil
+import struct
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,6 +87,21 @@ def test_mock_model_cli_is_deterministic(mock_sd: Path, tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
+def _unet_size(components: SDComponents) -> int:
+    return sum(param.numel() for param in components.unet.parameters())
+
+
+def test_mock_model_cli_small_is_a_bigger_sd_shaped_model(from_folder: SDComponents, tmp_path: Path) -> None:
+    out = tmp_path / "small"
+    result = run_cli("mock-model", str(out), "--size", "small")
+    assert result.returncode == 0, result.stderr
+    folder = load_sd_components(str(out))
+    assert len(folder.unet.config.block_out_channels) == 4  # SD's four UNet levels
+    assert _unet_size(folder) > 2 * _unet_size(from_folder)
+    single = load_sd_components(str(out / "mock-sd.safetensors"))
+    assert_same_weights(single.unet.state_dict(), folder.unet.state_dict(), "unet")
+
+
 def test_v_prediction_from_folder_scheduler_config(mock_sd: Path, tmp_path: Path) -> None:
     folder = tmp_path / "v-model"
     shutil.copytree(mock_sd, folder)
@@ -106,16 +125,80 @@ def _write_pickle(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps({"state_dict": _CreatesFileWhenUnpickled(marker)}, protocol=4))
 
 
-@pytest.mark.parametrize("name", ["model.ckpt", "renamed-pickle.safetensors"])
-def test_pickle_files_are_refused_unread(tmp_path: Path, name: str) -> None:
+def _write_torch_zip(path: Path, marker: Path) -> None:
+    """A pickle in torch.save's zip layout."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"state_dict": _CreatesFileWhenUnpickled(marker)}))
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("model.ckpt", _write_pickle),
+        ("renamed-pickle.safetensors", _write_pickle),
+        ("renamed-zip.safetensors", _write_torch_zip),
+    ],
+)
+def test_pickle_files_are_refused_unread(tmp_path: Path, name: str, write: Callable[[Path, Path], None]) -> None:
     marker = tmp_path / "unpickled.marker"
     path = tmp_path / name
-    _write_pickle(path, marker)
-    with pytest.raises(UserError, match="pickle") as info:
+    write(path, marker)
+    with pytest.raises(UserError, match="is a pickle checkpoint") as info:
         load_sd_components(str(path))
     assert str(path) in str(info.value)
     assert ".safetensors" in str(info.value)
     assert not marker.exists()
+
+
+def test_folder_with_only_pickle_weights_is_refused_unread(
+    mock_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-model"
+    shutil.copytree(mock_sd, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    loaded: list[Any] = []
+    real_load = torch.load
+
+    def recording_load(*args: Any, **kwargs: Any) -> Any:
+        loaded.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    with pytest.raises(UserError, match="unet weights only as pickle files") as info:
+        load_sd_components(str(folder))
+    message = str(info.value)
+    assert str(folder) in message and "convert them to .safetensors" in message
+    assert "\n" not in message
+    assert not loaded  # torch.load (an unpickler, even with weights_only=True) never ran
+
+
+def _save_with_first_byte_0x80(source: Path, path: Path) -> None:
+    """Save the tensors and metadata of ``source`` to ``path``, padding the metadata until the header length
+    (the file's first 8 bytes, little-endian) is 128 modulo 256: its first byte is then 0x80, as a pickle's is."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata() or {}
+    save_file(tensors, path, metadata={**metadata, "padding": ""})
+    data = path.read_bytes()
+    unpadded = len(data[8 : 8 + struct.unpack("<Q", data[:8])[0]].rstrip(b" "))  # safetensors pads with spaces
+    save_file(tensors, path, metadata={**metadata, "padding": "x" * ((128 - unpadded) % 256)})
+
+
+def test_safetensors_starting_with_byte_0x80_is_no_pickle(
+    from_folder: SDComponents, mock_sd: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "model.safetensors"
+    _save_with_first_byte_0x80(mock_sd / "mock-sd.safetensors", path)
+    assert path.read_bytes()[0] == 0x80
+    single = load_sd_components(str(path))
+    assert_same_weights(single.unet.state_dict(), from_folder.unet.state_dict(), "unet")
 
 
 def _zeros(path: Path, mock_sd: Path) -> None:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 CONFIGS = Path(__file__).with_name("sd_configs")
 EMBEDDED_CONFIG_KEY = "lora_scripts.diffusers_config"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+WEIGHT_PARTS = ("unet", "vae", "text_encoder")  # the diffusers subfolders whose weights are loaded
 UNET_PREFIX = "model.diffusion_model."
 # A cross-attention key projection: its input width is the text encoder's hidden size.
 CONTEXT_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -176,15 +177,28 @@ def _load_folder(folder: Path, location: str, dtype: torch.dtype) -> StableDiffu
 
     if not (folder / "model_index.json").is_file():
         raise UserError(f"base_model: {location} has no model_index.json; expected a diffusers Stable Diffusion folder")
+    pickled = [name for name in WEIGHT_PARTS if _has_only_pickle_weights(folder / name)]
+    if pickled:
+        raise UserError(
+            f"base_model: {location} has {', '.join(pickled)} weights only as pickle files, which can run code "
+            "when loaded and are never opened here; convert them to .safetensors (e.g. with a trusted converter)"
+        )
     try:
         return StableDiffusionPipeline.from_pretrained(
             folder,
             dtype=dtype,
             local_files_only=True,
+            use_safetensors=True,  # never falls back to pickle (.bin) weights
             **NO_SAFETY_CHECKER,
         )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"base_model: cannot load {location}: {_first_line(err)}") from None
+
+
+def _has_only_pickle_weights(part: Path) -> bool:
+    """Whether the diffusers subfolder ``part`` holds pickle weight files and no ``.safetensors`` ones."""
+    suffixes = {file.suffix.lower() for file in part.iterdir()} if part.is_dir() else set()
+    return bool(suffixes.intersection(PICKLE_SUFFIXES)) and ".safetensors" not in suffixes
 
 
 def _load_single_file(path: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
@@ -210,15 +224,18 @@ def _read_header(path: Path) -> tuple[dict[str, list[int]], str | None]:
     a Stable Diffusion UNet.
     """
     with open(path, "rb") as handle:
-        head = handle.read(8)
-    if path.suffix.lower() in PICKLE_SUFFIXES or head.startswith((b"PK\x03\x04", b"\x80")):
+        head = handle.read(9)
+    # safetensors: a little-endian u64 header length, then the JSON header. Its first byte can be 0x80 too.
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+    is_safetensors = 2 <= header_len <= min(path.stat().st_size - 8, _MAX_HEADER) and head[8:] == b"{"
+    # Pickle protocols 2-5 open with 0x80 and the protocol number; torch.save's zip format with a zip header.
+    looks_pickled = head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    if not is_safetensors and (looks_pickled or path.suffix.lower() in PICKLE_SUFFIXES):
         raise UserError(
             f"base_model: {path} is a pickle checkpoint, which can run code when loaded and is never opened here; "
             "convert it to .safetensors (e.g. with a trusted converter) and point base_model at that"
         )
-    size = path.stat().st_size
-    header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-    if path.suffix.lower() != ".safetensors" or not 2 <= header_len <= min(size - 8, _MAX_HEADER):
+    if path.suffix.lower() != ".safetensors" or not is_safetensors:
         raise UserError(f"base_model: {path} is not a .safetensors model file (expected a Stable Diffusion checkpoint)")
     from safetensors import safe_open
 
