@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -26,7 +26,10 @@ from lora_scripts.train.checkpoint import list_checkpoints
 from lora_scripts.train.logs import read_loss_csv
 from lora_scripts.train.loop import TrainingStopped, train
 
-from conftest import REPO, assert_same_weights, run_cli
+from conftest import REPO, assert_same_weights, kohya_metadata_of, run_cli
+
+if TYPE_CHECKING:
+    from lora_scripts.train.image_task import ImageTask
 
 
 def weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -45,9 +48,33 @@ def lrs(output_dir: Path) -> list[float]:
     return [float(row["lr"]) for row in loss_rows(output_dir)]
 
 
+def assert_text_encoder_trained(output_dir: Path) -> None:
+    """Every text-encoder up weight of the kohya file moved off its zero start."""
+    kohya = load_file(str(output_dir / "lora_weights.safetensors"))
+    up = {key: t for key, t in kohya.items() if key.startswith("lora_te_") and key.endswith("lora_up.weight")}
+    assert up, "no text-encoder LoRA in the kohya file"
+    assert [key for key, t in up.items() if not t.any()] == [], "text-encoder LoRA layers that never trained"
+
+
+@pytest.fixture
+def built_image_tasks(monkeypatch: pytest.MonkeyPatch) -> list[ImageTask]:
+    """The ImageTasks train() builds in this test, in order (their models stay inspectable after the run)."""
+    from lora_scripts.train.image_task import ImageTask
+
+    built: list[ImageTask] = []
+    real_build = ImageTask.build
+
+    def build(self: ImageTask, accelerator: Any) -> None:
+        real_build(self, accelerator)
+        built.append(self)
+
+    monkeypatch.setattr(ImageTask, "build", build)
+    return built
+
+
 def test_train_writes_every_output(image_config: Callable[..., Path]) -> None:
     path = image_config(
-        validation_prompts=["a red circle"], sample_inference_steps=2, save_steps=2, logging_dir="tensorboard"
+        validation_prompts=["a red circle"], sample_inference_steps=2, save_steps=3, logging_dir="tensorboard"
     )
     result = run_cli("train", "--config", str(path))
     assert result.returncode == 0, result.stderr
@@ -58,13 +85,22 @@ def test_train_writes_every_output(image_config: Callable[..., Path]) -> None:
     assert all(math.isfinite(loss) for _, loss in losses(out))
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((out / "samples").glob("*.png"))
-    assert list((path.parent / "tensorboard").glob("events.out.tfevents.*"))  # logging_dir, relative to the config
+    # TensorBoard (logging_dir, relative to the config) has each step's loss and lr, as in loss.csv;
+    # step 4, after the last checkpoint, is written as the run closes
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path.parent / "tensorboard"))
+    events.Reload()
+    for tag, column in (("train/loss", [loss for _, loss in losses(out)]), ("train/lr", lrs(out))):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2, 3, 4], tag
+        assert [s.value for s in scalars] == pytest.approx(column, rel=1e-5), tag
     rows = loss_rows(out)
     assert list(rows[0]) == ["step", "epoch", "loss", "lr", "elapsed"]
     assert [row["epoch"] for row in rows] == ["1"] * 4  # 4 images, batch 1: one epoch
     elapsed = [float(row["elapsed"]) for row in rows]
     assert elapsed == sorted(elapsed) and elapsed[0] > 0
-    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3"]
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 4 and summary["epochs"] == 1 and math.isfinite(summary["final_loss"])
     assert summary["samples_per_s"] > 0 and summary["wall_time_s"] >= elapsed[-1] and summary["peak_memory_mb"] > 100
@@ -74,7 +110,9 @@ def test_train_writes_every_output(image_config: Callable[..., Path]) -> None:
 
 
 @pytest.mark.parametrize("stop_at", [1, 2], ids=["inside-epoch", "epoch-boundary"])
-def test_resume_gives_bitwise_same_weights(image_config: Callable[..., Path], stop_at: int) -> None:
+def test_resume_gives_bitwise_same_weights(
+    image_config: Callable[..., Path], built_image_tasks: list[ImageTask], stop_at: int
+) -> None:
     # 4 images, batch 1, accumulation 2: 2 optimizer steps per epoch; 6 steps = 3 epochs.
     common = {
         "gradient_accumulation_steps": 2,
@@ -86,6 +124,14 @@ def test_resume_gives_bitwise_same_weights(image_config: Callable[..., Path], st
     }
     straight = load_config(image_config("straight", **common))
     train(straight, progress=False)
+    # each optimizer step took 2 micro-batches: the 6 steps went through the 4 images 3 times
+    assert [row["epoch"] for row in loss_rows(straight.path("output_dir"))] == ["1", "1", "2", "2", "3", "3"]
+    # the dropout, whose random draws the resume must replay, is really on in every LoRA layer
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = [m for m in built_image_tasks[0].components.unet.modules() if isinstance(m, LoraLayer)]
+    assert lora_layers and {getattr(m.lora_dropout["default"], "p", 0.0) for m in lora_layers} == {0.1}
+    assert kohya_metadata_of(straight.path("output_dir"))["ss_network_dropout"] == "0.1"
 
     interrupted = load_config(image_config("interrupted", **common))
     with pytest.raises(TrainingStopped, match="--resume"):
@@ -275,8 +321,10 @@ def test_gpu_only_settings_fail_clearly_on_cpu(
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_every_image_option_trains_and_loads(image_config: Callable[..., Path]) -> None:
-    """Text-encoder LoRA, LoCon, buckets, min-SNR, noise offset, no caching, checkpointing: the result still loads."""
+def test_every_image_option_trains_and_loads(
+    image_config: Callable[..., Path], built_image_tasks: list[ImageTask]
+) -> None:
+    """Text-encoder LoRA, LoCon, buckets, min-SNR, noise offset, no caching, checkpointing: trains, the result loads."""
     from lora_scripts.smoke import check_image_result
 
     config = load_config(
@@ -298,27 +346,30 @@ def test_every_image_option_trains_and_loads(image_config: Callable[..., Path]) 
     assert check_image_result(config) == []
     keys = load_file(str(config.path("output_dir") / "lora_weights.safetensors")).keys()
     assert any(k.startswith("lora_te_") for k in keys) and any("resnets" in k for k in keys)
+    assert_text_encoder_trained(config.path("output_dir"))
+    # gradient checkpointing: a step runs the UNet's and text encoder's blocks twice (recomputed in backward)
+    task = built_image_tasks[0]
+    blocks = {
+        "unet": task.components.unet.down_blocks[0].resnets[0].norm1,
+        "text": task.components.text_encoder.encoder.layers[0].layer_norm1,
+    }
+    calls = dict.fromkeys(blocks, 0)
+    for name, block in blocks.items():
+        block.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    task.model(task.collate(task.dataset()[:1])).backward()
+    assert calls == {"unet": 2, "text": 2}
 
 
 def test_bf16_image_training_keeps_lora_in_fp32_and_loads(
-    image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    image_config: Callable[..., Path], built_image_tasks: list[ImageTask]
 ) -> None:
     """bf16 (the one mixed precision a CPU runs): frozen weights in bf16, LoRA trained and saved in fp32."""
     from lora_scripts.smoke import check_image_result
-    from lora_scripts.train.image_task import ImageTask
 
-    built: list[ImageTask] = []
-    real_build = ImageTask.build
-
-    def build(self: ImageTask, accelerator: Any) -> None:
-        real_build(self, accelerator)
-        built.append(self)
-
-    monkeypatch.setattr(ImageTask, "build", build)
     config = load_config(image_config("bf16", mixed_precision="bf16", max_train_steps=2, learning_rate=1e-2))
     result = train(config, progress=False)
     assert math.isfinite(result.final_loss)
-    unet = built[0].components.unet
+    unet = built_image_tasks[0].components.unet
     lora = {p.dtype for name, p in unet.named_parameters() if ".lora_" in name}
     frozen = {p.dtype for name, p in unet.named_parameters() if ".lora_" not in name}
     assert lora == {torch.float32} and frozen == {torch.bfloat16}
@@ -327,12 +378,25 @@ def test_bf16_image_training_keeps_lora_in_fp32_and_loads(
     assert check_image_result(config) == []
 
 
-@pytest.mark.parametrize("optimizer", ["AdamW", "SGD", "Lion", "Prodigy"])
-def test_each_optimizer_changes_the_weights(image_config: Callable[..., Path], optimizer: str) -> None:
+@pytest.mark.parametrize(
+    ("optimizer", "module"),
+    [("AdamW", "torch.optim"), ("SGD", "torch.optim"), ("Lion", "lion_pytorch"), ("Prodigy", "prodigyopt")],
+)
+def test_each_optimizer_changes_the_weights(image_config: Callable[..., Path], optimizer: str, module: str) -> None:
+    import importlib
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     lr = 1.0 if optimizer == "Prodigy" else 1e-3
     config = load_config(image_config(f"opt-{optimizer}", optimizer=optimizer, learning_rate=lr, max_train_steps=2))
-    result = train(config, progress=False)
+    stepped: list[type] = []
+    hook = register_optimizer_step_post_hook(lambda opt, *_: stepped.append(type(opt)))
+    try:
+        result = train(config, progress=False)
+    finally:
+        hook.remove()
     assert math.isfinite(result.final_loss)
+    assert stepped == [getattr(importlib.import_module(module), optimizer)] * 2  # the named optimizer took each step
     # lora_B starts at zero: a trained file has non-zero up weights
     assert any(
         t.abs().sum() > 0 for k, t in weights(config.path("output_dir")).items() if "lora.up" in k or "lora_B" in k
@@ -424,6 +488,8 @@ def test_frozen_models_are_freed_once_nothing_uses_them(
     result = train(load_config(image_config("freed", max_train_steps=2, **overrides)), progress=False)
     assert alive_at_steps == [kept, kept]
     assert all(path.is_file() for path in result.weights)
+    if overrides.get("train_text_encoder"):  # kept because it trains: captions are not cached then
+        assert_text_encoder_trained(result.output_dir)
 
 
 def test_too_little_disk_space_fails_before_training(
@@ -680,12 +746,20 @@ def test_text_samples_and_eval_loss_at_checkpoints_and_the_end(
 
     monkeypatch.setattr(RunLog, "log_eval", record)
     config = load_config(
-        text_config(max_train_steps=5, save_steps=2, validation_split=0.2, validation_prompts=["Describe the cat."])
+        text_config(
+            max_train_steps=5,
+            save_steps=2,
+            validation_split=0.2,
+            validation_prompts=["Describe the cat."],
+            lora_dropout=0.1,
+        )
     )
     train(config, progress=False)
     names = sorted(p.name for p in (config.path("output_dir") / "samples").iterdir())
     assert names == ["step-000002.txt", "step-000004.txt", "step-000005.txt"]
     assert evaluated == [2, 4, 5]
+    adapter = json.loads((config.path("output_dir") / "adapter_config.json").read_text())
+    assert adapter["lora_dropout"] == 0.1
 
 
 def test_text_resume_with_a_changed_rank_fails_clearly(text_config: Callable[..., Path]) -> None:
