@@ -492,6 +492,25 @@ def test_frozen_models_are_freed_once_nothing_uses_them(
         assert_text_encoder_trained(result.output_dir)
 
 
+def test_bad_images_among_good_ones_stop_training_before_it_starts(
+    image_config: Callable[..., Path], image_data: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    data = tmp_path / "mixed"
+    shutil.copytree(image_data, data)
+    good = next(data.glob("*.png"))
+    (data / "cut.png").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with open(data / "metadata.csv", "a", encoding="utf-8") as metadata:
+        metadata.write("cut.png,a truncated download\ngone.png,a missing file\n")
+    path = image_config("mixed", train_data_dir=str(data))
+    result = run_cli("train", "--config", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "2 problems" in result.stderr and "cut.png" in result.stderr and "gone.png" in result.stderr
+    out = tmp_path / "out-mixed"
+    assert not (out / "logs" / "loss.csv").exists() and not list(out.glob("*.safetensors"))  # no step ran
+
+
 def test_too_little_disk_space_fails_before_training(
     image_config: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
