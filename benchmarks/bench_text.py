@@ -4,7 +4,8 @@ For the tiny and small mock causal LMs, on batches of the same shape (every exam
 exactly --seq-len tokens):
 
 - task: TextTask's model(batch), backward, AdamW step (what the loop runs per step);
-- bare: a plain peft model (same LoRA targets), model(**batch).loss, backward, AdamW step;
+- bare: a plain peft model (same LoRA targets), model(**batch).loss, backward, AdamW step
+  (both with the AdamW the trainer builds: fused);
 - loop: `lora-scripts train` end to end, per-step time from its loss.csv (includes the DataLoader,
   accelerate, gradient clipping, the scheduler and logging).
 
@@ -32,6 +33,7 @@ from timing import WARMUP, run_step_times, step_times
 
 from lora_scripts.config import Config
 from lora_scripts.model.mock_lm import build_mock_causal_lm
+from lora_scripts.train.optim import build_optimizer
 from lora_scripts.train.text_task import TextTask
 
 TARGET = 1.10
@@ -46,8 +48,10 @@ def write_data(folder: Path, count: int) -> Path:
     return folder
 
 
-def training_step(forward: Callable[[], torch.Tensor], params: list[torch.nn.Parameter]) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+def training_step(
+    forward: Callable[[], torch.Tensor], params: list[torch.nn.Parameter], config: Config
+) -> Callable[[], None]:
+    optimizer = build_optimizer(config, params, "cpu")
 
     def step() -> None:
         forward().backward()
@@ -68,13 +72,15 @@ def in_process(config: Config) -> tuple[Callable[[], None], Callable[[], None], 
     task.build(Accelerator(cpu=True))
     batch = task.collate(task.dataset()[: config.batch_size])
     task.model.train()
-    task_step = training_step(lambda: task.model(batch), [p for p in task.model.parameters() if p.requires_grad])
+    task_step = training_step(
+        lambda: task.model(batch), [p for p in task.model.parameters() if p.requires_grad], config
+    )
 
     base = AutoModelForCausalLM.from_pretrained(config.base_model)
     targets = task.peft_model.peft_config["default"].target_modules
     bare = get_peft_model(base, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets))
     bare.train()
-    bare_step = training_step(lambda: bare(**batch).loss, [p for p in bare.parameters() if p.requires_grad])
+    bare_step = training_step(lambda: bare(**batch).loss, [p for p in bare.parameters() if p.requires_grad], config)
     return task_step, bare_step, tuple(batch["input_ids"].shape)
 
 
