@@ -129,9 +129,9 @@ def kohya_metadata(
     ``modelspec.*`` keys, plus ``lora_scripts.*`` traceability keys.
 
     ``epoch`` counts from 1, as ``loss.csv`` and ``training_summary.json`` do; ``num_epochs`` is how many the run
-    goes through. ``v2``: the base model is SD 2.x
-    (else SD 1.x); ``v_prediction``: it predicts velocity (else noise). ``dataset_dirs`` as from
-    :func:`dataset_dirs`. ``extra`` entries are added last and win; non-string values become JSON.
+    goes through. ``v2``: the base model is SD 2.x (else SD 1.x); ``v_prediction``: it predicts velocity (else
+    noise). ``dataset_dirs`` as from :func:`dataset_dirs`. ``extra`` entries are added last and win; non-string
+    values become JSON.
     """
     resolution = f"{config.resolution}x{config.resolution}"
     model_name = Path(base_model).name or base_model
