@@ -379,6 +379,26 @@ def test_bf16_image_training_keeps_lora_in_fp32_and_loads(
 
 
 @pytest.mark.parametrize(
+    ("optimizer", "mixed_precision", "device", "fused"),
+    [
+        ("AdamW", "no", "cpu", True),
+        ("SGD", "bf16", "cuda", True),
+        ("AdamW", "fp16", "cuda", False),  # the grad scaler's path stays on torch's default kernels
+        ("AdamW", "no", "mps", False),
+    ],
+)
+def test_fused_kernels_where_torch_has_them_and_not_under_fp16(
+    optimizer: str, mixed_precision: str, device: str, fused: bool
+) -> None:
+    from lora_scripts.train.optim import build_optimizer
+
+    values = {"train_data_dir": "d", "base_model": "m", "output_dir": "o", "optimizer": optimizer}
+    config = Config({**values, "mixed_precision": mixed_precision}, Path("c.yaml"))
+    built = build_optimizer(config, [torch.nn.Parameter(torch.zeros(2))], device)
+    assert bool(built.defaults["fused"]) is fused
+
+
+@pytest.mark.parametrize(
     ("optimizer", "module"),
     [("AdamW", "torch.optim"), ("SGD", "torch.optim"), ("Lion", "lion_pytorch"), ("Prodigy", "prodigyopt")],
 )
