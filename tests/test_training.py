@@ -36,6 +36,10 @@ def weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output_dir / "pytorch_lora_weights.safetensors"))
 
 
+def kohya_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "lora_weights.safetensors"))
+
+
 def loss_rows(output_dir: Path) -> list[dict[str, str]]:
     return read_loss_csv(output_dir / "logs" / "loss.csv")
 
@@ -48,9 +52,8 @@ def lrs(output_dir: Path) -> list[float]:
     return [float(row["lr"]) for row in loss_rows(output_dir)]
 
 
-def assert_text_encoder_trained(output_dir: Path) -> None:
-    """Every text-encoder up weight of the kohya file moved off its zero start."""
-    kohya = load_file(str(output_dir / "lora_weights.safetensors"))
+def assert_text_encoder_trained(kohya: dict[str, torch.Tensor]) -> None:
+    """Every text-encoder up weight of a kohya file moved off its zero start."""
     up = {key: t for key, t in kohya.items() if key.startswith("lora_te_") and key.endswith("lora_up.weight")}
     assert up, "no text-encoder LoRA in the kohya file"
     assert [key for key, t in up.items() if not t.any()] == [], "text-encoder LoRA layers that never trained"
@@ -344,9 +347,9 @@ def test_every_image_option_trains_and_loads(
     result = train(config, progress=False)
     assert math.isfinite(result.final_loss)
     assert check_image_result(config) == []
-    keys = load_file(str(config.path("output_dir") / "lora_weights.safetensors")).keys()
-    assert any(k.startswith("lora_te_") for k in keys) and any("resnets" in k for k in keys)
-    assert_text_encoder_trained(config.path("output_dir"))
+    kohya = kohya_weights(config.path("output_dir"))
+    assert any(k.startswith("lora_te_") for k in kohya) and any("resnets" in k for k in kohya)
+    assert_text_encoder_trained(kohya)
     # gradient checkpointing: a step runs the UNet's and text encoder's blocks twice (recomputed in backward)
     task = built_image_tasks[0]
     blocks = {
@@ -373,8 +376,7 @@ def test_bf16_image_training_keeps_lora_in_fp32_and_loads(
     lora = {p.dtype for name, p in unet.named_parameters() if ".lora_" in name}
     frozen = {p.dtype for name, p in unet.named_parameters() if ".lora_" not in name}
     assert lora == {torch.float32} and frozen == {torch.bfloat16}
-    saved = load_file(str(config.path("output_dir") / "pytorch_lora_weights.safetensors"))
-    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    assert {tensor.dtype for tensor in weights(config.path("output_dir")).values()} == {torch.float32}
     assert check_image_result(config) == []
 
 
@@ -509,7 +511,7 @@ def test_frozen_models_are_freed_once_nothing_uses_them(
     assert alive_at_steps == [kept, kept]
     assert all(path.is_file() for path in result.weights)
     if overrides.get("train_text_encoder"):  # kept because it trains: captions are not cached then
-        assert_text_encoder_trained(result.output_dir)
+        assert_text_encoder_trained(kohya_weights(result.output_dir))
 
 
 def test_bad_images_among_good_ones_stop_training_before_it_starts(
