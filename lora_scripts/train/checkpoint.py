@@ -67,8 +67,13 @@ def save_checkpoint(
     lora_state: dict[str, torch.Tensor],
     training_state: dict[str, Any],
     write_weights: Any,
+    keep: int,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically; ``write_weights(folder)`` adds the user-facing weight files."""
+    """Write ``checkpoint-<step>`` atomically; ``write_weights(folder)`` adds the user-facing weight files.
+
+    With ``keep`` > 0 (0 keeps all), the oldest checkpoints are deleted once the new one is complete but
+    before it appears: never more than ``keep`` exist, even when the process is killed in between.
+    """
     target = output_dir / f"checkpoint-{position.step}"
     with atomic_path(target) as folder:
         folder.mkdir()
@@ -76,6 +81,10 @@ def save_checkpoint(
         torch.save({**training_state, "rng": rng_states()}, folder / TRAINING_FILE)
         write_weights(folder)
         (folder / STATE_FILE).write_text(json.dumps(asdict(position), indent=2), encoding="utf-8")
+        if keep > 0:
+            others = [path for path in list_checkpoints(output_dir) if path != target]
+            for old in others[: max(0, len(others) - keep + 1)]:
+                shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -89,13 +98,6 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
         if match and path.is_dir() and (path / STATE_FILE).is_file() and (path / TRAINING_FILE).is_file():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
-
-
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (keep 0 = keep all)."""
-    if keep > 0:
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:

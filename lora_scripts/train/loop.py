@@ -32,7 +32,6 @@ from lora_scripts.train.checkpoint import (
     check_lora_state,
     list_checkpoints,
     load_checkpoint,
-    prune_checkpoints,
     remove_stale_temporaries,
     resolve_resume,
     save_checkpoint,
@@ -119,7 +118,7 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 def checkpoints_on_disk(total_steps: int, save_steps: int, keep_checkpoints: int) -> int:
-    """The most checkpoints a run has on disk at once (pruning follows each save, so keep + 1)."""
+    """The most checkpoints a run has on disk at once (each is complete before the oldest goes, so keep + 1)."""
     written = total_steps // save_steps if save_steps else 0
     return min(written, keep_checkpoints + 1) if keep_checkpoints else written
 
@@ -253,14 +252,17 @@ def train(config: Config, *, stop_at_step: int | None = None, progress: bool = T
         at = position
         if at.batches_in_epoch >= len(loader):  # an epoch boundary: resume at the next epoch's start
             at = LoopPosition(at.step, at.epoch + 1, 0)
-        path = _guard_disk(
+        return _guard_disk(
             lambda: save_checkpoint(
-                output_dir, at, task.lora_state_dict(), training_state(), lambda d: task.save_weights(d, info(loss))
+                output_dir,
+                at,
+                task.lora_state_dict(),
+                training_state(),
+                lambda d: task.save_weights(d, info(loss)),
+                config.keep_checkpoints,
             ),
             output_dir,
         )
-        prune_checkpoints(output_dir, config.keep_checkpoints)
-        return path
 
     from tqdm.auto import tqdm
 
